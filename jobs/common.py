@@ -1,0 +1,144 @@
+"""What both jobs share: storage URIs (local folder or S3), connecting to Ray, one-line errors.
+
+S3 access uses the standard AWS credential chain only (environment, shared config, instance profile,
+IRSA): no credential is ever taken from a flag, written to a file or logged. An S3-compatible endpoint
+comes from ``--s3-endpoint`` or ``AWS_ENDPOINT_URL``; the region from ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from functools import cached_property
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class JobError(Exception):
+    """A problem with the user's request: printed as one line, exit status 2."""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3 (never credentials): picklable, so workers can open the same storage."""
+
+    endpoint: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint: str | None = None) -> "S3Settings":
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return cls(endpoint or None, region)
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        kwargs = {}
+        if self.endpoint:
+            url = urlparse(self.endpoint if "://" in self.endpoint else f"https://{self.endpoint}")
+            kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+        kwargs["region"] = self.region or "us-east-1"
+        return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A folder on a pyarrow filesystem: ``uri`` for people, ``(fs, path)`` for I/O."""
+
+    uri: str
+    path: str  # "bucket/prefix" on S3, an absolute path locally
+    s3: S3Settings | None = None
+
+    @cached_property
+    def fs(self) -> pafs.FileSystem:
+        return self.s3.filesystem() if self.s3 else pafs.LocalFileSystem()
+
+    def child(self, name: str) -> "Storage":
+        return Storage(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.s3)
+
+    def file(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def read(self, name: str) -> bytes | None:
+        fs = self.fs
+        if fs.get_file_info(self.file(name)).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(self.file(name)) as f:
+            return f.read()
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write a whole file so that readers never see a partial one.
+
+        An S3 PUT is atomic already; locally we write a hidden temporary file and rename it.
+        """
+        fs, target = self.fs, self.file(name)
+        if self.s3:
+            with fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        fs.create_dir(os.path.dirname(target), recursive=True)
+        tmp = f"{os.path.dirname(target)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(target)}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, target)
+
+    def list(self) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
+        return self.fs.get_file_info(selector)
+
+
+def open_storage(uri: str, endpoint: str | None = None) -> Storage:
+    """A local folder or ``s3://bucket/prefix``; raises JobError on malformed URIs."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise JobError(f"storage URI {uri!r} names no bucket (expected s3://bucket/prefix)")
+        path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+        return Storage(uri.rstrip("/"), path, S3Settings.from_env(endpoint))
+    if parsed.scheme not in ("", "file"):
+        raise JobError(f"unsupported storage URI {uri!r}: use a local folder or s3://bucket/prefix")
+    path = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme else uri))
+    return Storage(path, path)
+
+
+def check_writable(storage: Storage) -> None:
+    """Fail fast on a missing bucket, denied access, an unreachable endpoint or a read-only folder."""
+    try:
+        if storage.s3:
+            bucket = storage.path.split("/", 1)[0]
+            info = storage.fs.get_file_info(bucket)
+            if info.type == pafs.FileType.NotFound:
+                raise JobError(f"S3 bucket {bucket!r} does not exist (storage {storage.uri})")
+        probe = f".write-probe-{uuid.uuid4().hex}"
+        storage.write(probe, b"")
+        storage.fs.delete_file(storage.file(probe))
+    except JobError:
+        raise
+    except OSError as error:
+        reason = " ".join(str(error).split())[:300]
+        raise JobError(f"cannot write to {storage.uri}: {reason}") from None
+
+
+def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``, as ``ray job submit`` sets), else
+    start an in-process single-node Ray, so the same script runs on a laptop and on a cluster."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Workers inherit the driver's sys.path, so they can import `jobs` and `pixelcnn` too.
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

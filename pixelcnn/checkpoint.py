@@ -1,0 +1,120 @@
+"""Self-describing checkpoints: one ``.pt`` file that rebuilds the model on its own.
+
+A checkpoint is a plain dict of tensors and primitives, so ``torch.load(..., weights_only=True)``
+loads it without executing any pickled code:
+
+    format         "pixelcnn-checkpoint/1"
+    model_class    "PixelCNN" | ...           -> models.MODEL_CLASSES
+    model_config   dict of the model's config dataclass
+    model_state    state_dict (weights used for sampling/evaluation; EMA weights when trained with EMA)
+    data_shape     [C, H, W] of the training images
+    dataset        dataset name
+    step, epoch    training progress
+    training       optional resume state (raw weights, optimizer, ...), ignored by load_model
+
+Files are written to a temporary name and renamed, so a crash never leaves a half-written
+checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from .models import MODEL_CLASSES, build_model
+
+FORMAT = "pixelcnn-checkpoint/1"
+MODEL_FILE = "model.pt"  # name of the checkpoint file inside a checkpoint or run folder
+REQUIRED = ("format", "model_class", "model_config", "model_state", "data_shape", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the problem."""
+
+
+def checkpoint_dict(model: nn.Module, *, step: int, epoch: int = 0, dataset: str = "", training=None) -> dict:
+    cfg = model.config
+    return {
+        "format": FORMAT,
+        "model_class": type(model).__name__,
+        "model_config": asdict(cfg),
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "data_shape": [cfg.in_channels, *cfg.image_size],
+        "dataset": dataset,
+        "step": int(step),
+        "epoch": int(epoch),
+        "training": training,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    """Write ``checkpoint`` (see ``checkpoint_dict``) to ``path`` atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> str:
+    """A checkpoint file, or a folder holding ``model.pt`` (a checkpoint or run folder)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Load and validate a checkpoint dict (``weights_only=True``: no code runs from the file)."""
+    path = resolve_checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, random bytes, a foreign pickle, ...
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PixelCNN checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a PixelCNN checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    if ckpt["model_class"] not in MODEL_CLASSES:
+        raise CheckpointError(f"checkpoint {path} holds unknown model class {ckpt['model_class']!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, *, data_shape=None, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model of a loaded checkpoint dict, in eval mode."""
+    if data_shape is not None and list(data_shape) != list(ckpt["data_shape"]):
+        raise CheckpointError(
+            f"{source} was trained on images {list(ckpt['data_shape'])} (C, H, W), not {list(data_shape)}"
+        )
+    try:
+        model = build_model(ckpt["model_class"], ckpt["model_config"])
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])[:300]
+        raise CheckpointError(f"{source} does not match its model config ({detail})") from None
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, *, device="cpu", data_shape=None) -> nn.Module:
+    """Rebuild a trained model from a checkpoint file or folder, in eval mode on ``device``.
+
+    ``data_shape`` (C, H, W), if given, must equal the shape the model was trained on.
+    """
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, data_shape=data_shape, source=f"checkpoint {os.fspath(path)}").to(device)
