@@ -90,6 +90,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         p.error(str(error))
     if cfg.batch_size % args.num_workers:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by --num-workers {args.num_workers}")
+    # Ray Train workers run in a folder of their own: resolve against the driver's (the job's working dir).
+    cfg.data_dir = os.path.abspath(cfg.data_dir)
     args.name = args.name or f"{cfg.dataset}-{cfg.model}-h{cfg.hidden}-b{cfg.blocks}"
     return cfg, args
 
@@ -260,10 +262,11 @@ def _shutdown_ray() -> None:
 
 
 def _root_cause(error: BaseException) -> str:
+    """The innermost error's last line: worker errors arrive wrapped around a traceback snippet."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:500]}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 if __name__ == "__main__":

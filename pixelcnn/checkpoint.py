@@ -105,9 +105,10 @@ def model_from_checkpoint(ckpt: dict, *, data_shape=None, source: str = "checkpo
         model = build_model(ckpt["model_class"], ckpt["model_config"])
         model.load_state_dict(ckpt["model_state"])
     except (RuntimeError, TypeError, ValueError) as error:
-        first = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise CheckpointError(f"{source} does not match its model config ({detail})") from None
+        # load_state_dict lists every mismatch over many lines: name the first one.
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line or "key" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{source} does not match its model config ({detail[:160]})") from None
     return model.eval()
 
 

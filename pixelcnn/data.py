@@ -9,6 +9,8 @@ turns 255 * (k / 255) into k - 1 for some k). The model input is derived from th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -96,13 +98,26 @@ def _load_torchvision(name: str, root, *, train: bool, download: bool) -> ImageD
     datasets = import_torchvision().datasets
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     try:
-        ds = cls(root=root, train=train, download=download)
+        with _download_lock(root, download):
+            ds = cls(root=root, train=train, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. ..."
         raise DataError(f"{name} not found under data root {root!r} ({str(error).splitlines()[0]})") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)  # -> [N, C, H, W]
     labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
     return ImageData(images.contiguous(), labels, DATASET_SHAPES[name][3])
+
+
+@contextlib.contextmanager
+def _download_lock(root: str, download: bool):
+    """Serialise downloads into one root: several workers of a node may start at once."""
+    if not download:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".download.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def synthetic_bars(count: int, *, seed: int = 0, size: int = 12) -> ImageData:

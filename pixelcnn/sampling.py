@@ -51,15 +51,26 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def sample_uniforms(seed: int, ids: Sequence[int] | np.ndarray, count: int) -> torch.Tensor:
-    """Uniforms in [0, 1), float64 ``[len(ids), count]``; row k depends only on (seed, ids[k])."""
+def sample_uniforms(seed: int, ids: Sequence[int] | np.ndarray, count: int, *, stream: int = 0) -> torch.Tensor:
+    """Uniforms in [0, 1), float64 ``[len(ids), count]``; row k depends only on (seed, stream, ids[k]).
+
+    ``stream`` separates independent uses of one seed (0: pixels, 1: labels drawn per sample).
+    """
     with np.errstate(over="ignore"):
         ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
         key = _mix64(np.asarray([seed], dtype=np.int64).astype(np.uint64) * _GOLDEN + np.uint64(1))
+        key = _mix64(key + np.uint64(stream) * _GOLDEN)
         stream = _mix64(key ^ _mix64(ids + _GOLDEN))  # one independent stream per sample id
         counters = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
         bits = _mix64(stream[:, None] + counters[None, :])
     return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def labels_for_ids(seed: int, ids: Sequence[int] | np.ndarray, probs: Sequence[float]) -> torch.Tensor:
+    """One class per sample id drawn from ``probs``; label k depends only on (seed, ids[k])."""
+    cdf = torch.tensor(np.cumsum(probs) / np.sum(probs), dtype=torch.float64)
+    u = sample_uniforms(seed, ids, 1, stream=1)[:, 0]
+    return (cdf[None, :] <= u[:, None]).sum(1).clamp_(max=len(probs) - 1)
 
 
 def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,354 @@
+"""Generate samples in bulk with Ray Data: PNG images plus metadata as Parquet, exactly once, resumable.
+
+    ray job submit --working-dir . -- python jobs/generate.py --checkpoint s3://bucket/runs/mnist \\
+        --num-samples 1000000 --output s3://bucket/samples/mnist --num-actors 8 --gpus-per-actor 1
+
+The pipeline (the Ray touchpoints are marked below):
+
+    shards of missing ids --from_items--> map_batches(SampleShards, ActorPoolStrategy) --> AtomicParquetSink
+
+Ids 0..N-1 are cut into shards of --rows-per-file ids; each shard becomes one Parquet file
+``part-<first id>-<last id>.parquet``. Each actor loads the model once and runs the autoregressive
+sampler over its shard in batches of --batch-size. Image k depends only on (checkpoint, seed, k,
+temperature, labels), so batch size, actor count and retries never change it.
+
+Exactly once: every file is written whole under a temporary name and renamed (an S3 PUT is atomic
+already), so a visible part file is always complete. A rerun reads the ids already present and
+generates only the missing ones; a retried shard rewrites the same file name with the same rows.
+``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels), and a
+rerun against an output of another checkpoint or seed is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage  # noqa: E402
+from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
+from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
+from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, sample_table  # noqa: E402
+
+MANIFEST = "_manifest.json"
+PART_PREFIX = "part-"
+# What determines the images: an output folder holds rows of exactly one such setting.
+IDENTITY = ("model_sha256", "seed", "temperature", "label_probs")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model: a run folder or checkpoint (folder or .pt), local or s3://")
+    p.add_argument("--num-samples", type=int, required=True, help="generate ids 0..N-1")
+    p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
+    p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
+    p.add_argument("--sampler", choices=METHODS, default="cached", help="cached (fast) or naive; both draw the same images")
+    p.add_argument("--batch-size", type=int, default=256, help="images sampled together on one actor")
+    p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
+    p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size)")
+    p.add_argument("--min-actors", type=int, help="autoscaling pool: at least this many actors")
+    p.add_argument("--max-actors", type=int, help="autoscaling pool: at most this many actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor; 0 runs CPU actors")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, leaving room for writes)")
+    p.add_argument("--label", type=int, help="conditional models: the class of every sample")
+    p.add_argument("--label-probs", help="conditional models: comma-separated class probabilities drawn per sample (default: uniform)")
+    p.add_argument("--preview", type=int, default=0, help="also write preview.png, a contact sheet of the first N samples")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.temperature > 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.gpus_per_actor < 0 or args.preview < 0:
+        p.error("--gpus-per-actor and --preview must be >= 0")
+    if (args.min_actors is None) != (args.max_actors is None):
+        p.error("--min-actors and --max-actors go together")
+    if args.min_actors is not None and not 1 <= args.min_actors <= args.max_actors:
+        p.error("need 1 <= --min-actors <= --max-actors")
+    if args.label is not None and args.label_probs is not None:
+        p.error("pass --label or --label-probs, not both")
+    return args
+
+
+# --- the model and the request ------------------------------------------------------------------
+
+
+def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
+    """The checkpoint's bytes from a run folder, checkpoint folder or .pt file, local or on S3."""
+    storage = open_storage(uri, endpoint)
+    if not storage.s3:
+        path = storage.path if storage.path.endswith(".pt") else os.path.join(storage.path, MODEL_FILE)
+        if not os.path.isfile(path):
+            raise JobError(f"checkpoint not found: {path}")
+        with open(path, "rb") as f:
+            return path, f.read()
+    folder, name = (storage, MODEL_FILE)
+    if storage.path.endswith(".pt"):
+        parent, name = storage.uri.rsplit("/", 1)
+        folder = open_storage(parent, endpoint)
+    try:
+        data = folder.read(name)
+    except OSError as error:
+        raise JobError(f"cannot read checkpoint {storage.uri}: {' '.join(str(error).split())[:300]}") from None
+    if data is None:
+        raise JobError(f"checkpoint not found: {folder.uri}/{name}")
+    return f"{folder.uri}/{name}", data
+
+
+def label_probs(args, num_classes: int) -> list[float] | None:
+    """Per-sample class distribution for conditional models (None: unconditional)."""
+    if not num_classes:
+        if args.label is not None or args.label_probs is not None:
+            raise JobError("--label/--label-probs given, but the checkpoint's model is unconditional")
+        return None
+    if args.label is not None:
+        if not 0 <= args.label < num_classes:
+            raise JobError(f"--label {args.label} is not a class of this model (0..{num_classes - 1})")
+        return [float(k == args.label) for k in range(num_classes)]
+    if args.label_probs is None:
+        return [1.0 / num_classes] * num_classes
+    try:
+        probs = [float(v) for v in args.label_probs.split(",")]
+    except ValueError:
+        raise JobError(f"--label-probs must be comma-separated numbers, got {args.label_probs!r}") from None
+    if len(probs) != num_classes or min(probs) < 0 or sum(probs) <= 0:
+        raise JobError(f"--label-probs needs {num_classes} non-negative numbers with a positive sum")
+    return [p / sum(probs) for p in probs]
+
+
+# --- what the output already holds -------------------------------------------------------------
+
+
+def part_files(output: Storage) -> list[str]:
+    return sorted(
+        info.path for info in output.list()
+        if info.type == pa.fs.FileType.File and info.base_name.startswith(PART_PREFIX)
+        and info.base_name.endswith(".parquet")
+    )
+
+
+def existing_ids(output: Storage) -> np.ndarray:
+    files = part_files(output)
+    if not files:
+        return np.zeros(0, dtype=np.int64)
+    table = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(columns=["id"])
+    ids = table.column("id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise JobError(f"{output.uri} holds duplicate ids: it was not written by this job alone")
+    return ids
+
+
+def plan_shards(num_samples: int, done: np.ndarray, rows_per_file: int) -> list[tuple[int, int]]:
+    """Half-open id ranges still to generate: the gaps in ``done``, cut at multiples of rows_per_file."""
+    missing = np.ones(num_samples, dtype=bool)
+    missing[done[done < num_samples]] = False
+    shards = []
+    for start in range(0, num_samples, rows_per_file):
+        block = missing[start:start + rows_per_file]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], block.astype(np.int8), [0]])))
+        shards += [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return shards
+
+
+def check_manifest(output: Storage, manifest: dict) -> None:
+    stored = output.read(MANIFEST)
+    if stored is None:
+        if part_files(output):
+            raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
+        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+        return
+    stored = json.loads(stored)
+    changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
+    if changed:
+        raise JobError(
+            f"{output.uri} holds samples of another request ({', '.join(f'{k} {stored.get(k)!r}' for k in changed)}): "
+            "use another --output"
+        )
+
+
+# --- Ray Data: the sampler actors and the atomic Parquet sink -----------------------------------
+
+
+class SampleShards:
+    """A Ray Data actor: loads the model once, then samples whole shards of ids."""
+
+    def __init__(self, checkpoint: bytes, settings: dict):
+        self.device = torch.device("cuda" if settings["gpus_per_actor"] > 0 else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(settings["cpus_per_actor"])))
+        ckpt = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        s = self.settings
+        tables = []
+        for start, end in zip(batch["start"], batch["end"]):
+            ids = np.arange(start, end, dtype=np.int64)
+            labels = None if s["label_probs"] is None else labels_for_ids(s["seed"], ids, s["label_probs"])
+            out = sample(
+                self.model, ids=ids, seed=s["seed"], temperature=s["temperature"], method=s["sampler"],
+                batch_size=s["batch_size"], labels=labels,
+            )
+            tables.append(sample_table(
+                ids, out.images, out.log_prob, labels, seed=s["seed"], temperature=s["temperature"],
+                sampler=s["sampler"], checkpoint=s["checkpoint"], model_sha256=s["model_sha256"],
+            ))
+        return pa.concat_tables(tables)
+
+
+def make_sink(output: Storage):
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class AtomicParquetSink(Datasink):
+        """One Parquet file per block, named by its first and last id, never visible half-written."""
+
+        def write(self, blocks, ctx) -> int:
+            rows = 0
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                if not table.num_rows:
+                    continue
+                ids = table.column("id").to_numpy()
+                buffer = pa.BufferOutputStream()
+                pq.write_table(table.cast(SAMPLE_SCHEMA), buffer)
+                output.write(f"{PART_PREFIX}{ids.min():012d}-{ids.max():012d}.parquet", buffer.getvalue().to_pybytes())
+                rows += table.num_rows
+            return rows
+
+    return AtomicParquetSink()
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+
+def write_preview(output: Storage, count: int) -> None:
+    """A contact sheet of the first ``count`` ids, read back from the written Parquet."""
+    from PIL import Image
+
+    from pixelcnn._torchvision import import_torchvision
+
+    files = part_files(output)
+    table = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(
+        columns=["id", "image_png"], filter=pads.field("id") < count,
+    ).sort_by("id")
+    images = torch.stack([torch.from_numpy(decode_png(png.as_py())) for png in table.column("image_png")])
+    grid = import_torchvision().utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), pad_value=128)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    output.write("preview.png", buffer.getvalue())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        # Fail fast, before any actor starts: checkpoint, labels, output, what the output holds.
+        checkpoint_uri, checkpoint = read_checkpoint(args.checkpoint, args.s3_endpoint)
+        try:
+            ckpt = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
+        except Exception:
+            raise JobError(f"checkpoint {checkpoint_uri} is corrupt or not a PixelCNN checkpoint") from None
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".pt") as f:  # full validation, incl. weights vs config
+            f.write(checkpoint)
+            f.flush()
+            model_from_checkpoint(load_checkpoint(f.name), source=f"checkpoint {checkpoint_uri}")
+        cfg = ckpt["model_config"]
+        probs = label_probs(args, cfg.get("num_classes", 0))
+        output = open_storage(args.output, args.s3_endpoint)
+        check_writable(output)
+        manifest = {
+            "checkpoint": checkpoint_uri, "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
+            "seed": args.seed, "temperature": args.temperature, "label_probs": probs,
+            "data_shape": ckpt["data_shape"], "rows_per_file": args.rows_per_file,
+        }
+        check_manifest(output, manifest)
+        shards = plan_shards(args.num_samples, existing_ids(output), args.rows_per_file)
+        todo = sum(end - start for start, end in shards)
+        started = time.perf_counter()
+        if todo:
+            run_pipeline(args, output, checkpoint, manifest, shards)
+        seconds = time.perf_counter() - started
+        total = len(existing_ids(output))
+        if args.preview:
+            write_preview(output, min(args.preview, args.num_samples))
+    except (JobError, CheckpointError) as error:
+        fail(str(error))
+    finally:
+        _shutdown_ray()
+    summary = {
+        "samples": todo, "seconds": round(seconds, 3), "samples_per_s": round(todo / seconds, 2) if todo else 0.0,
+        "rows_per_file": args.rows_per_file, "total_rows": total, "output": output.uri,
+    }
+    print(
+        f"generated {todo} samples in {seconds:.1f} s ({summary['samples_per_s']:.1f} samples/s), "
+        f"{args.rows_per_file} rows per file, {total} rows in {output.uri}",
+        flush=True,
+    )
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shards: list) -> None:
+    import ray
+
+    init_ray(args.address)
+    cpus = args.cpus_per_actor
+    if cpus is None:
+        actors = args.max_actors or args.num_actors
+        # CPU actors get fractional CPUs, leaving room for the tasks that feed and write the pool:
+        # a pool that takes every CPU hangs.
+        cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
+    have = ray.cluster_resources()
+    need_gpus = args.gpus_per_actor * (args.min_actors or args.num_actors)
+    if need_gpus > have.get("GPU", 0):
+        raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
+    settings = {
+        "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "batch_size": args.batch_size,
+        "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],
+        "model_sha256": manifest["model_sha256"], "gpus_per_actor": args.gpus_per_actor, "cpus_per_actor": cpus,
+    }
+    pool = (
+        ray.data.ActorPoolStrategy(min_size=args.min_actors, max_size=args.max_actors)
+        if args.min_actors is not None else ray.data.ActorPoolStrategy(size=args.num_actors)
+    )
+    items = [{"start": start, "end": end} for start, end in shards]
+    # Ray touchpoints: one input row per shard; each actor call samples one shard (-> one file).
+    dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        SampleShards,
+        batch_size=1,
+        compute=pool,
+        num_gpus=args.gpus_per_actor,
+        num_cpus=cpus,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "settings": settings},
+    )
+    dataset.write_datasink(make_sink(output))
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

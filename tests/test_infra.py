@@ -1,0 +1,469 @@
+"""Offline checks of the cluster and infrastructure files: cluster.yaml, infra/, and the README runbook.
+
+What this proves, without network access or a running Ray cluster:
+
+* ``cluster.yaml`` passes Ray's own ``prepare_config`` and ``validate_config`` (the JSON
+  schema that ``ray up`` applies). A guard makes any network connection fail while this runs.
+  The head advertises ``CPU: 0``. The GPU worker type autoscales from 0 and has its own
+  IAM instance profile. The setup commands ``pip install`` the repo that ``file_mounts``
+  copies from ``.``. Under moto's offline EC2 instance catalogue, the declared
+  resources match what Ray itself would detect for those instance types.
+* ``infra/pixelcnn-stack.yaml`` passes ``cfn-lint`` with no output. Its bucket is
+  private, encrypted, denies non-TLS access and has lifecycle rules. Every IAM grant of S3
+  actions is limited to that bucket, with no ``s3:*`` and no ``*`` resource. The head may pass
+  only the worker role. The profile names agree with the ARNs in cluster.yaml.
+* The KubeRay RayJobs parse, shut down after the job, run no work on the head, request and
+  tolerate ``nvidia.com/gpu``, use the same image as cluster.yaml and an IRSA service account
+  (no keys). Their ``entrypoint`` equals the ``python jobs/...`` part of the matching
+  ``ray job submit`` line in README.md's runbook section.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+STACK = REPO / "infra" / "pixelcnn-stack.yaml"
+KUBERAY = {
+    "train": REPO / "infra" / "kuberay" / "train-rayjob.yaml",
+    "generate": REPO / "infra" / "kuberay" / "generate-rayjob.yaml",
+}
+# The job commands are read from the runbook section of the README.
+RUNBOOK_SOURCE = REPO / "README.md"
+RUNBOOK_HEADING = "## Runbook: from nothing to a million samples on AWS"
+STACK_NAME = "pixelcnn"  # the --stack-name the runbook deploys with
+BUCKET_ID = "ArtifactBucket"  # logical id of the project bucket in the template
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make every IP connection or DNS lookup raise, so a hidden AWS call fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    real_connect = socket.socket.connect
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(address)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    # No real credentials or config may be picked up either.
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def load_stack() -> dict:
+    from cfnlint.decode import decode
+
+    template, matches = decode(str(STACK))
+    assert not matches, f"template does not parse: {matches}"
+    assert template is not None
+    return template
+
+
+def load_rayjob(path: Path) -> tuple[dict, list[dict]]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1, f"{path.name}: expected one RayJob, found {len(jobs)}"
+    return jobs[0], docs
+
+
+def gpu_worker_type(config: dict) -> tuple[str, dict]:
+    gpu_types = [
+        (name, nt)
+        for name, nt in config["available_node_types"].items()
+        if name != config["head_node_type"] and nt.get("resources", {}).get("GPU", 0) > 0
+    ]
+    assert len(gpu_types) == 1, f"expected one GPU worker type, got {gpu_types}"
+    return gpu_types[0]
+
+
+def as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def runbook_commands() -> dict[str, str]:
+    """{'train': full line, 'generate': full line} from the runbook section of RUNBOOK_SOURCE."""
+    text = RUNBOOK_SOURCE.read_text()
+    assert RUNBOOK_HEADING in text, f"{RUNBOOK_SOURCE.name} has no section {RUNBOOK_HEADING!r}"
+    section = text.split(RUNBOOK_HEADING, 1)[1]
+    section = re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]  # up to the next H2
+    bash_blocks = re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)
+    found: dict[str, list[str]] = {"train": [], "generate": []}
+    for block in bash_blocks:
+        for line in block.splitlines():
+            m = re.match(r"^ray job submit .* -- python jobs/(train|generate)\.py .*$", line)
+            if m:
+                found[m.group(1)].append(line.strip())
+    for kind, lines in found.items():
+        assert len(lines) == 1, f"expected one `ray job submit ... jobs/{kind}.py` line, got {lines}"
+    return {kind: lines[0] for kind, lines in found.items()}
+
+
+def entrypoint_of(line: str) -> str:
+    return line.split(" -- ", 1)[1].strip()
+
+
+def flag(command: str, name: str) -> str:
+    tokens = command.split()
+    return tokens[tokens.index(name) + 1]
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+
+
+def test_cluster_yaml_passes_ray_validation_offline(no_network):
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load_cluster()
+    config = prepare_config(copy.deepcopy(raw))
+    validate_config(config)  # raises on any schema violation
+
+    # The validator is live: the same config with an unknown field is rejected.
+    broken = copy.deepcopy(config)
+    broken["available_node_types"][config["head_node_type"]]["resourcez"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(broken)
+
+    assert config["provider"]["type"] == "aws"
+    assert config["provider"]["region"] == "us-west-2"
+
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}, "the head must not take training or sampling work"
+    assert head["max_workers"] == 0
+    assert "GPU" not in head["resources"]
+
+    name, worker = gpu_worker_type(config)
+    assert worker["resources"]["GPU"] >= 1
+    assert worker["resources"]["CPU"] >= worker["resources"]["GPU"]
+    assert worker["min_workers"] == 0, "GPU workers should scale down to zero"
+    assert 1 <= worker["max_workers"] <= config["max_workers"]
+
+    # Every node type declares its resources, so nothing needs an instance-type lookup.
+    for node_type in config["available_node_types"].values():
+        assert "CPU" in node_type["resources"]
+
+    # Workers carry their own instance profile (the launcher's default goes to the head only).
+    worker_arn = worker["node_config"]["IamInstanceProfile"]["Arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", worker_arn)
+    head_arn = head["node_config"]["IamInstanceProfile"]["Arn"]
+    assert head_arn != worker_arn
+
+    # CUDA image whose Ray version equals the one this project pins.
+    import ray
+
+    image = config["docker"]["image"]
+    assert image.startswith("rayproject/ray:") and image.endswith("-gpu"), image
+    assert image.split(":")[1].split("-")[0] == ray.__version__
+
+    # file_mounts copies this repo ("."), and the merged setup commands pip-install that path.
+    mounted = [remote for remote, local in config["file_mounts"].items() if local in (".", "./")]
+    assert len(mounted) == 1, config["file_mounts"]
+    install = re.compile(rf"\bpip install (-e |--editable )?{re.escape(mounted[0])}/?(\s|$)")
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        assert any(install.search(cmd) for cmd in config[key]), (key, config[key])
+
+
+def test_declared_resources_match_ec2_instance_types(no_network):
+    """Ray's own AWS resource detection, run against moto's offline EC2 catalogue."""
+    from moto import mock_aws
+    from ray.autoscaler._private.aws import utils as aws_utils
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+    config = load_cluster()
+    bare = copy.deepcopy(config)
+    for node_type in bare["available_node_types"].values():
+        node_type.pop("resources", None)
+    aws_utils.client_cache.cache_clear()
+    aws_utils.resource_cache.cache_clear()
+    try:
+        with mock_aws():
+            detected = AWSNodeProvider.fillout_available_node_types_resources(bare)
+    finally:
+        aws_utils.client_cache.cache_clear()
+        aws_utils.resource_cache.cache_clear()
+
+    for name, node_type in config["available_node_types"].items():
+        declared = node_type["resources"]
+        auto = detected["available_node_types"][name]["resources"]
+        if name == config["head_node_type"]:
+            assert auto.get("GPU", 0) == 0, "the head instance type should be CPU-only"
+            continue
+        assert declared["GPU"] == auto["GPU"], (name, declared, auto)
+        assert declared["CPU"] == auto["CPU"], (name, declared, auto)
+        for key in declared:
+            if key.startswith("accelerator_type:"):
+                assert key in auto, (name, key, auto)
+
+
+# --------------------------------------------------------------------------- CloudFormation
+
+
+def test_stack_passes_cfn_lint():
+    exe = Path(sys.executable).parent / "cfn-lint"
+    assert exe.exists(), f"cfn-lint not installed next to {sys.executable}"
+    proc = subprocess.run(
+        [str(exe), "--", str(STACK)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+    )
+
+
+def test_bucket_is_private_encrypted_and_expires_checkpoints():
+    template = load_stack()
+    resources = template["Resources"]
+    props = resources[BUCKET_ID]["Properties"]
+    assert resources[BUCKET_ID]["Type"] == "AWS::S3::Bucket"
+    assert props["BucketName"] == {"Ref": "BucketName"}
+
+    block = props["PublicAccessBlockConfiguration"]
+    for key in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"):
+        assert block[key] is True, key
+
+    sse = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert sse and all(
+        r["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms", "aws:kms:dsse")
+        for r in sse
+    )
+    assert props["OwnershipControls"]["Rules"][0]["ObjectOwnership"] == "BucketOwnerEnforced"
+
+    rules = [r for r in props["LifecycleConfiguration"]["Rules"] if r["Status"] == "Enabled"]
+    expiring = [r for r in rules if "ExpirationInDays" in r or "NoncurrentVersionExpiration" in r]
+    assert expiring, "no lifecycle rule expires old checkpoints"
+    assert any(
+        r.get("Prefix") == "runs/" and r.get("ExpirationInDays") == {"Ref": "CheckpointRetentionDays"}
+        for r in rules
+    )
+    assert any("AbortIncompleteMultipartUpload" in r for r in rules)
+    assert {"BucketName", "CheckpointRetentionDays"} <= set(template["Parameters"])
+
+    policy = next(
+        r["Properties"]["PolicyDocument"]
+        for r in resources.values()
+        if r["Type"] == "AWS::S3::BucketPolicy"
+    )
+    assert any(
+        s["Effect"] == "Deny"
+        and s["Condition"]["Bool"]["aws:SecureTransport"] in ("false", False)
+        for s in policy["Statement"]
+    ), "bucket policy must deny non-TLS requests"
+
+    assert {"BucketName", "HeadInstanceProfileArn", "WorkerInstanceProfileArn"} <= set(
+        template["Outputs"]
+    )
+
+
+def _permission_statements(resources: dict):
+    """(resource logical id, statement) for every identity-policy statement in the template."""
+    for rid, res in resources.items():
+        props = res.get("Properties", {})
+        docs = []
+        if res["Type"] in ("AWS::IAM::ManagedPolicy", "AWS::IAM::Policy"):
+            docs.append(props["PolicyDocument"])
+        if res["Type"] in ("AWS::IAM::Role", "AWS::IAM::User", "AWS::IAM::Group"):
+            docs += [p["PolicyDocument"] for p in props.get("Policies", [])]
+        for doc in docs:
+            for statement in as_list(doc["Statement"]):
+                yield rid, statement
+
+
+def _is_project_bucket(resource) -> bool:
+    if resource == {"Fn::GetAtt": [BUCKET_ID, "Arn"]}:
+        return True
+    if isinstance(resource, dict) and set(resource) == {"Fn::Sub"}:
+        sub = resource["Fn::Sub"]
+        return isinstance(sub, str) and re.fullmatch(rf"\$\{{{BUCKET_ID}\.Arn\}}(/.*)?", sub) is not None
+    return False
+
+
+def test_iam_s3_access_is_limited_to_the_project_bucket():
+    template = load_stack()
+    resources = template["Resources"]
+    granted: dict[str, list] = {}
+    s3_statements = 0
+    for rid, statement in _permission_statements(resources):
+        assert statement["Effect"] in ("Allow", "Deny")
+        if statement["Effect"] != "Allow":
+            continue
+        assert "NotAction" not in statement and "NotResource" not in statement, rid
+        actions = [a.lower() for a in as_list(statement["Action"])]
+        assert "*" not in actions and "s3:*" not in actions, (rid, statement)
+        s3_actions = [a for a in actions if a.startswith("s3:")]
+        if not s3_actions:
+            continue
+        s3_statements += 1
+        for resource in as_list(statement["Resource"]):
+            assert resource != "*" and _is_project_bucket(resource), (rid, resource)
+            for action in s3_actions:
+                granted.setdefault(action, []).append(resource)
+    assert s3_statements >= 2
+
+    bucket_arn = {"Fn::GetAtt": [BUCKET_ID, "Arn"]}
+    assert bucket_arn in granted["s3:listbucket"]
+    for action in ("s3:getobject", "s3:putobject", "s3:deleteobject", "s3:abortmultipartupload"):
+        assert {"Fn::Sub": f"${{{BUCKET_ID}.Arn}}/*"} in granted[action], action
+
+    # Workers get the bucket policy and nothing else. The head may pass only the worker role.
+    worker = resources["WorkerRole"]["Properties"]
+    assert worker["ManagedPolicyArns"] == [{"Ref": "BucketAccessPolicy"}]
+    assert not worker.get("Policies")
+    head = resources["HeadRole"]["Properties"]
+    assert {"Ref": "BucketAccessPolicy"} in head["ManagedPolicyArns"]
+    pass_role = [
+        s
+        for _, s in _permission_statements({"HeadRole": resources["HeadRole"]})
+        if "iam:passrole" in [a.lower() for a in as_list(s["Action"])]
+    ]
+    assert pass_role and all(
+        as_list(s["Resource"]) == [{"Fn::GetAtt": ["WorkerRole", "Arn"]}] for s in pass_role
+    )
+
+
+def test_instance_profiles_match_cluster_yaml():
+    template = load_stack()
+    resources = template["Resources"]
+    config = load_cluster()
+    _, worker = gpu_worker_type(config)
+    head = config["available_node_types"][config["head_node_type"]]
+
+    def profile_arn_suffix(logical_id: str, role_id: str) -> str:
+        props = resources[logical_id]["Properties"]
+        assert props["Roles"] == [{"Ref": role_id}]
+        name = props["InstanceProfileName"]["Fn::Sub"].replace("${AWS::StackName}", STACK_NAME)
+        return f":instance-profile/{name}"
+
+    assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+        profile_arn_suffix("HeadInstanceProfile", "HeadRole")
+    )
+    assert worker["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+        profile_arn_suffix("WorkerInstanceProfile", "WorkerRole")
+    )
+    # The head may only stop or terminate instances tagged with this cluster's name.
+    assert template["Parameters"]["ClusterName"]["Default"] == config["cluster_name"]
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+@pytest.mark.parametrize("kind", ["train", "generate"])
+def test_kuberay_rayjob(kind):
+    job, docs = load_rayjob(KUBERAY[kind])
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert re.fullmatch(r"(s3|gs|https?)://\S+\.zip", runtime_env["working_dir"])
+
+    cluster = spec["rayClusterSpec"]
+    image = load_cluster()["docker"]["image"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    head_pod = head["template"]["spec"]
+    for container in head_pod["containers"]:
+        assert container["image"] == image
+        assert "nvidia.com/gpu" not in container.get("resources", {}).get("limits", {})
+
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        if any(
+            int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) > 0
+            for c in g["template"]["spec"]["containers"]
+        )
+    ]
+    assert len(gpu_groups) == 1
+    group = gpu_groups[0]
+    pod = group["template"]["spec"]
+    assert any(
+        t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
+        for t in pod.get("tolerations", [])
+    )
+    assert all(c["image"] == image for c in pod["containers"])
+    gpus_per_pod = sum(int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in pod["containers"])
+
+    # S3 access through IRSA: one service account, annotated with a role, no keys anywhere.
+    accounts = {head_pod.get("serviceAccountName"), pod.get("serviceAccountName")}
+    assert len(accounts) == 1 and None not in accounts
+    service_accounts = [d for d in docs if d.get("kind") == "ServiceAccount"]
+    assert [sa["metadata"]["name"] for sa in service_accounts] == list(accounts)
+    assert "eks.amazonaws.com/role-arn" in service_accounts[0]["metadata"]["annotations"]
+    text = KUBERAY[kind].read_text()
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text
+    stack = load_stack()
+    assert stack["Parameters"]["KubernetesServiceAccount"]["Default"] in accounts
+
+    # The GPUs the job asks for fit in the worker group.
+    capacity = gpus_per_pod * group["maxReplicas"]
+    entry = spec["entrypoint"]
+    if kind == "train":
+        assert "--use-gpu" in entry.split() and int(flag(entry, "--num-workers")) <= capacity
+    else:
+        assert int(flag(entry, "--num-actors")) * int(flag(entry, "--gpus-per-actor")) <= capacity
+
+
+@pytest.mark.parametrize("kind", ["train", "generate"])
+def test_kuberay_entrypoint_matches_readme_command(kind):
+    lines = runbook_commands()
+    job, _ = load_rayjob(KUBERAY[kind])
+    assert job["spec"]["entrypoint"] == entrypoint_of(lines[kind])
+    assert entrypoint_of(lines[kind]).startswith(f"python jobs/{kind}.py ")
+
+
+def test_readme_generate_reads_the_checkpoint_train_writes():
+    lines = runbook_commands()
+    train, generate = entrypoint_of(lines["train"]), entrypoint_of(lines["generate"])
+    storage, name = flag(train, "--storage").rstrip("/"), flag(train, "--name")
+    assert flag(generate, "--checkpoint").rstrip("/") == f"{storage}/{name}"
+    assert flag(generate, "--output").startswith("s3://")
+    for line in lines.values():
+        assert "--address http://127.0.0.1:8265" in line and "--working-dir ." in line
+
+
+def test_irsa_trust_policy_is_valid_json_scoped_to_the_service_account():
+    template = load_stack()
+    role = template["Resources"]["IrsaRole"]
+    assert role["Condition"] == "CreateIrsaRole"
+    body = re.sub(r"\$\{[^}]+\}", "X", role["Properties"]["AssumeRolePolicyDocument"]["Fn::Sub"])
+    trust = json.loads(body)
+    (statement,) = trust["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    raw = role["Properties"]["AssumeRolePolicyDocument"]["Fn::Sub"]
+    assert "system:serviceaccount:${KubernetesNamespace}:${KubernetesServiceAccount}" in raw
