@@ -22,3 +22,155 @@ def randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return model
+
+
+# --- end-to-end fixtures: a real S3 endpoint and a real Ray cluster, both on loopback only ----------
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra) -> dict:
+    """Environment for job processes: loopback-only Ray, no auth token, no inherited cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single node on 127.0.0.1 only (see ../shared/notes)
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="pixelcnn")
+    yield type("S3", (), {"env": env, "client": client, "endpoint": env["AWS_ENDPOINT_URL"]})
+    server.stop()
+
+
+def s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, full command line), read from /proc (ps truncates long lines)."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError, ValueError):
+            continue
+        procs[int(entry)] = (ppid, args)
+    return procs
+
+
+def cluster_pids(marker: str) -> list[int]:
+    """PIDs of processes whose command line names ``marker`` (our temp dir), and their descendants."""
+    procs = _processes()
+    found = frontier = {pid for pid, (_, args) in procs.items() if marker in args}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier} - found
+        found = found | frontier
+    return sorted(found)
+
+
+def process_titles(pids) -> dict[int, str]:
+    procs = _processes()
+    return {pid: procs[pid][1] for pid in pids if pid in procs}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """``ray start --head`` on 127.0.0.1 with 4 logical CPUs; stopped by PID (never ``ray stop``).
+
+    Its workers inherit the fake AWS settings of the moto server, as instance profiles would give.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths
+    port, dashboard = free_port(), free_port()
+    # `ray job submit` entrypoints say `python`: it must be this interpreter.
+    env = base_env(**s3.env, PATH=os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [
+        os.path.join(os.path.dirname(PYTHON), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+        f"--temp-dir={temp_dir}", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    info = type("Cluster", (), {
+        "address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir,
+        "env": env,
+    })
+    try:
+        yield info
+    finally:
+        stop_processes(cluster_pids(temp_dir))
+
+
+def stop_processes(pids, grace: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids):
+            time.sleep(0.2)
+
+
+def run_job(script: str, *args, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python jobs/<script>`` from the repo root; returns the completed process."""
+    proc = subprocess.run(
+        [PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def local_ray_env(tmp_path_factory):
+    """Env for a job that starts its own in-process Ray (no cluster)."""
+    return base_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="rl", dir="/tmp"))
