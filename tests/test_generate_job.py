@@ -1,0 +1,206 @@
+"""jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
+from pixelcnn import PixelCNN, load_model, sample
+from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
+from pixelcnn.sampling import labels_for_ids
+from pixelcnn.schema import SAMPLE_SCHEMA, decode_png
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, s3):
+    """A small unconditional and a conditional model, saved locally and uploaded to S3."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, classes in (("plain", 0), ("cond", 10)):
+        torch.manual_seed(0)
+        model = randomize(PixelCNN(hidden=8, blocks=1, image_size=(12, 10), num_classes=classes), std=0.2)
+        path = folder / name / "model.pt"
+        save_checkpoint(path, checkpoint_dict(model, step=1, dataset="test"))
+        s3.client.upload_file(str(path), "pixelcnn", f"models/{name}/model.pt")
+        paths[name] = path
+    return paths
+
+
+def s3_fs(s3):
+    return pafs.S3FileSystem(endpoint_override=s3.endpoint.split("//")[1], scheme="http", region="us-east-1",
+                             access_key="testing", secret_key="testing")
+
+
+def read_rows(s3, prefix):
+    fs = s3_fs(s3)
+    files = sorted(f"pixelcnn/{k}" for k in s3_keys(s3.client, "pixelcnn", prefix) if k.endswith(".parquet"))
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table().sort_by("id"), files
+
+
+def etags(s3, prefix):
+    return {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", prefix)}
+
+
+def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
+    proc = run_job(
+        "generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
+        "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, "--num-actors", 2, "--batch-size", 16,
+        "--preview", 9, "--address", ray_cluster.address, env=ray_cluster.env,
+    )
+    summary = last_json_line(proc.stdout)
+    assert summary["samples"] == 240 and summary["total_rows"] == 240 and summary["output"] == "s3://pixelcnn/samples/a"
+    assert "generated 240 samples" in proc.stdout
+    table, files = read_rows(s3, "samples/a/")
+    assert len(files) == 6 and files[0].endswith("part-000000000000-000000000039.parquet")
+    assert pq.read_schema(files[0], filesystem=s3_fs(s3)).equals(SAMPLE_SCHEMA)
+    assert table.column("id").to_pylist() == list(range(240))
+    rows = table.to_pylist()
+    model = load_model(checkpoints["plain"])
+    expected = sample(model, 240, seed=7)
+    sha = __import__("hashlib").sha256(checkpoints["plain"].read_bytes()).hexdigest()
+    for k, row in enumerate(rows):
+        image = decode_png(row["image_png"])
+        assert image.shape == (1, 12, 10) and (row["height"], row["width"], row["channels"]) == (12, 10, 1)
+        assert np.array_equal(image, expected.images[k].numpy()), f"id {k} differs from pixelcnn.sample"
+        assert abs(row["log_prob"] - expected.log_prob[k].item()) < 1e-3
+        assert abs(row["bits_per_dim"] + row["log_prob"] / (120 * np.log(2))) < 1e-9
+        assert row["seed"] == 7 and row["label"] is None and row["temperature"] == 1.0 and row["sampler"] == "cached"
+        assert row["checkpoint"] == "s3://pixelcnn/models/plain/model.pt" and row["model_sha256"] == sha
+        assert row["created_at"].tzinfo is not None
+    preview = s3.client.get_object(Bucket="pixelcnn", Key="samples/a/preview.png")["Body"].read()
+    assert Image.open(__import__("io").BytesIO(preview)).size[0] > 3 * 10
+
+    # Rerun after success: nothing new is written, not even rewritten.
+    before = etags(s3, "samples/a/")
+    again = run_job("generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
+                    "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, env=ray_cluster.env)
+    assert last_json_line(again.stdout)["samples"] == 0
+    assert etags(s3, "samples/a/") == before
+
+    # Lose two files (an interrupted job) and rerun: only those ids are written, each exactly once.
+    lost = [k for k in before if k.endswith(".parquet")][1:3]
+    for key in lost:
+        s3.client.delete_object(Bucket="pixelcnn", Key=key)
+    resumed = run_job("generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
+                      "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, "--num-actors", 2,
+                      "--address", ray_cluster.address, env=ray_cluster.env)
+    assert last_json_line(resumed.stdout)["samples"] == 80
+    after = etags(s3, "samples/a/")
+    assert all(after[k] == v for k, v in before.items() if k not in lost), "untouched files were rewritten"
+    table2, _ = read_rows(s3, "samples/a/")
+    assert table2.column("id").to_pylist() == list(range(240))
+    assert table2.column("image_png").to_pylist() == table.column("image_png").to_pylist()
+
+
+def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, local_ray_env, tmp_path):
+    """In-process Ray, local output, other batch size / actors / file size: same images as pixelcnn.sample."""
+    out = tmp_path / "out"
+    run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 50, "--output", out, "--seed", 7,
+            "--rows-per-file", 25, "--num-actors", 1, "--batch-size", 7, env=local_ray_env)
+    table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_manifest.json", "part-000000000000-000000000024.parquet", "part-000000000025-000000000049.parquet"]
+    expected = sample(load_model(checkpoints["plain"]), 50, seed=7, batch_size=50)
+    images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
+    assert np.array_equal(images, expected.images.numpy())
+
+
+def test_conditional_labels(s3, checkpoints, local_ray_env, tmp_path):
+    out = tmp_path / "cond"
+    run_job("generate.py", "--checkpoint", checkpoints["cond"], "--num-samples", 30, "--output", out,
+            "--label-probs", "0,0,1,0,0,0,0,0,3,0", "--rows-per-file", 30, env=local_ray_env)
+    table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+    labels = table.column("label").to_pylist()
+    assert set(labels) <= {2, 8} and labels == labels_for_ids(0, np.arange(30), [0, 0, .25, 0, 0, 0, 0, 0, .75, 0]).tolist()
+    model = load_model(checkpoints["cond"])
+    expected = sample(model, 30, seed=0, labels=torch.tensor(labels))
+    images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
+    assert np.array_equal(images, expected.images.numpy())
+
+
+def test_killed_actor_still_every_id_exactly_once(ray_cluster, s3, checkpoints):
+    args = ["--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 96, "--output", "s3://pixelcnn/samples/kill",
+            "--sampler", "naive", "--rows-per-file", 8, "--batch-size", 8, "--num-actors", 2, "--address", ray_cluster.address]
+    job = subprocess.Popen([PYTHON, "jobs/generate.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "samples/kill/")):
+            assert time.time() < deadline and job.poll() is None, "no part file appeared"
+            time.sleep(0.1)
+        actors = [pid for pid, t in process_titles(cluster_pids(ray_cluster.temp_dir)).items() if "SampleShards" in t]
+        assert actors, "no sampler actor process found"
+        subprocess.run(["kill", "-9", str(actors[0])], check=True)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    table, files = read_rows(s3, "samples/kill/")
+    assert table.column("id").to_pylist() == list(range(96))  # sorted: every id once, none twice
+    assert len(files) == 12
+
+
+def test_ray_job_submit(ray_cluster, s3, checkpoints):
+    cmd = [REPO / ".venv/bin/ray" if (REPO / ".venv/bin/ray").exists() else "ray", "job", "submit", "--address",
+           ray_cluster.dashboard, "--working-dir", ".", "--", "python", "jobs/generate.py", "--checkpoint",
+           "s3://pixelcnn/models/plain", "--num-samples", 20, "--output", "s3://pixelcnn/samples/submitted",
+           "--rows-per-file", 10, "--num-actors", 2]
+    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table, _ = read_rows(s3, "samples/submitted/")
+    assert table.column("id").to_pylist() == list(range(20))
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert line.startswith("error:") or "error:" in line, proc.stderr[-2000:]
+    return line
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "label", "unconditional", "other-seed"])
+def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
+    env = {**local_ray_env, **s3.env}
+    ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
+    if case == "missing":
+        ckpt = tmp_path / "nothing"
+    elif case == "corrupt":
+        ckpt = tmp_path / "bad.pt"
+        ckpt.write_bytes(checkpoints["plain"].read_bytes()[:500])
+    elif case == "bucket":
+        out = "s3://no-such-bucket/samples"
+    elif case == "zero":
+        extra = ["--num-samples", 0]
+    elif case == "label":
+        ckpt, extra = checkpoints["cond"], ["--label", 10]
+    elif case == "unconditional":
+        extra = ["--label", 1]
+    elif case == "other-seed":
+        run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
+        extra = ["--seed", 2]
+    proc = run_job("generate.py", "--checkpoint", ckpt, "--output", out, *(extra or ["--num-samples", 4]),
+                   *(["--num-samples", 4] if extra and "--num-samples" not in extra else []), env=env, check=False)
+    if case == "zero":
+        assert proc.returncode == 2 and "--num-samples must be >= 1" in proc.stderr
+        return
+    line = one_error_line(proc)
+    expected = {
+        "missing": "checkpoint not found", "corrupt": "corrupt", "bucket": "bucket 'no-such-bucket' does not exist",
+        "label": "--label 10 is not a class", "unconditional": "unconditional", "other-seed": "seed 1",
+    }[case]
+    assert expected in line, line
+    if case == "bucket":
+        return
+    parts = [p for p in out.iterdir() if p.name.startswith("part-")] if out.exists() else []
+    assert len(parts) == (1 if case == "other-seed" else 0), "a refused request must write nothing"
