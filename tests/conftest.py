@@ -174,3 +174,11 @@ def last_json_line(text: str) -> dict:
 def local_ray_env(tmp_path_factory):
     """Env for a job that starts its own in-process Ray (no cluster)."""
     return base_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+
+
+def one_error_line(proc) -> str:
+    """A refused job: exit status 2 and, last on stderr, one line that starts with 'error:'."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
+    assert line.startswith("error:"), proc.stderr[-2000:]
+    return line

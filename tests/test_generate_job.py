@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
+from conftest import one_error_line, PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
@@ -160,13 +160,6 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table, _ = read_rows(s3, "samples/submitted/")
     assert table.column("id").to_pylist() == list(range(20))
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
-    assert line.startswith("error:") or "error:" in line, proc.stderr[-2000:]
-    return line
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "label", "unconditional", "other-seed"])

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, process_titles, run_job, s3_keys
+from conftest import one_error_line, MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, process_titles, run_job, s3_keys
 from pixelcnn import load_model
 
 pytestmark = pytest.mark.slow
@@ -105,13 +105,6 @@ def test_ray_job_submit(ray_cluster, s3):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '"test_bits_per_dim"' in proc.stdout
     assert "runs/submitted/model.pt" in s3_keys(s3.client, "pixelcnn", "runs/submitted/")
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("error:") or "error:" in lines[-1], proc.stderr[-2000:]
-    return lines[-1]
 
 
 def test_fail_fast_missing_bucket(s3, local_ray_env):
