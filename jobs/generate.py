@@ -192,8 +192,7 @@ class SampleShards:
         self.device = torch.device("cuda" if settings["gpus_per_actor"] > 0 else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(settings["cpus_per_actor"])))
-        ckpt = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
-        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device)
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -261,16 +260,8 @@ def main(argv=None) -> dict:
     try:
         # Fail fast, before any actor starts: checkpoint, labels, output, what the output holds.
         checkpoint_uri, checkpoint = read_checkpoint(args.checkpoint, args.s3_endpoint)
-        try:
-            ckpt = torch.load(io.BytesIO(checkpoint), map_location="cpu", weights_only=True)
-        except Exception:
-            raise JobError(f"checkpoint {checkpoint_uri} is corrupt or not a PixelCNN checkpoint") from None
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".pt") as f:  # full validation, incl. weights vs config
-            f.write(checkpoint)
-            f.flush()
-            model_from_checkpoint(load_checkpoint(f.name), source=f"checkpoint {checkpoint_uri}")
+        ckpt = load_checkpoint(checkpoint, name=checkpoint_uri)
+        model_from_checkpoint(ckpt, source=f"checkpoint {checkpoint_uri}")  # weights must match the config
         cfg = ckpt["model_config"]
         probs = label_probs(args, cfg.get("num_classes", 0))
         output = open_storage(args.output, args.s3_endpoint)

@@ -18,6 +18,7 @@ checkpoint under the final name.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import asdict
@@ -77,21 +78,29 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> str:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
-    """Load and validate a checkpoint dict (``weights_only=True``: no code runs from the file)."""
-    path = resolve_checkpoint_path(path)
+def load_checkpoint(source: str | os.PathLike | bytes, *, name: str | None = None, map_location="cpu") -> dict:
+    """Load and validate a checkpoint dict from a file, a folder holding ``model.pt``, or its bytes.
+
+    ``weights_only=True``: no code runs from the file. ``name`` labels errors (default: the path).
+    """
+    if isinstance(source, (bytes, bytearray)):
+        name = name or "checkpoint"
+        source = io.BytesIO(source)
+    else:
+        source = resolve_checkpoint_path(source)
+        name = name or source
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, random bytes, a foreign pickle, ...
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PixelCNN checkpoint ({reason})") from None
+        raise CheckpointError(f"checkpoint {name} is corrupt or not a PixelCNN checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a PixelCNN checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"checkpoint {name} is not a PixelCNN checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+        raise CheckpointError(f"checkpoint {name} lacks {', '.join(missing)}")
     if ckpt["model_class"] not in MODEL_CLASSES:
-        raise CheckpointError(f"checkpoint {path} holds unknown model class {ckpt['model_class']!r}")
+        raise CheckpointError(f"checkpoint {name} holds unknown model class {ckpt['model_class']!r}")
     return ckpt
 
 
