@@ -95,6 +95,29 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, s3):
     assert last_json_line(out)["step"] == 40
 
 
+def test_killed_driver_rerun_resumes(ray_cluster, s3):
+    """The driver dies (say, the laptop that ran it): the same command picks up from the checkpoint."""
+    args = [
+        "--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 512, "--test-subset", 32, "--hidden", 32,
+        "--blocks", 4, "--batch-size", 64, "--epochs", 3, "--checkpoint-every", 4, "--grid-samples", 0,
+        "--storage", "s3://pixelcnn/runs", "--name", "driver", "--address", ray_cluster.address,
+    ]
+    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while "runs/driver/checkpoint_manager_snapshot.json" not in s3_keys(s3.client, "pixelcnn", "runs/driver/"):
+            assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        job.kill()
+        job.wait()
+    proc = run_job("train.py", *args, env=ray_cluster.env)
+    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", proc.stdout)]
+    assert resumed and resumed[0] >= 4
+    assert last_json_line(proc.stdout)["step"] == 24
+
+
 def test_ray_job_submit(ray_cluster, s3):
     cmd = [
         f"{REPO}/.venv/bin/ray" if (REPO / ".venv/bin/ray").exists() else "ray", "job", "submit",
