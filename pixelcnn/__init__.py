@@ -6,10 +6,10 @@ This package knows nothing of Ray or S3: `jobs/` applies distribution and storag
 from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from .data import DataError, ImageData, load_dataset
 from .likelihood import bits_per_dim, evaluate
-from .models import PixelCNN, PixelCNNConfig
+from .models import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from .sampling import Samples, sample
 
 __all__ = [
-    "CheckpointError", "DataError", "ImageData", "PixelCNN", "PixelCNNConfig", "Samples",
+    "CheckpointError", "DataError", "GatedPixelCNN", "GatedPixelCNNConfig", "ImageData", "PixelCNN", "PixelCNNConfig", "Samples",
     "bits_per_dim", "evaluate", "load_checkpoint", "load_dataset", "load_model", "sample", "save_checkpoint",
 ]

@@ -16,10 +16,13 @@ matrix product over the gathered causal neighbourhood, and caches the result. Pe
 kernel k it caches the conv's *input* for the last k//2 + 1 rows (full width, zero-padded): that is
 all the rows the kernel can reach. Memory is O(layers x batch x channels x 2 rows x width) instead
 of a full image per layer, and compute per pixel is one column of the network instead of all of it.
+GatedPixelCNN's vertical stack sees only rows above, so it is computed a whole row at a time when the
+row starts; its horizontal stack a pixel at a time, as above (``_GatedStepper``).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -29,7 +32,7 @@ from torch import nn
 
 from .data import levels_to_input
 from .layers import MaskedConv2d
-from .models import PixelCNN, scale_input
+from .models import GatedPixelCNN, PixelCNN, StackConv2d, gate, scale_input
 
 METHODS = ("cached", "naive")
 
@@ -176,7 +179,7 @@ def _sample_cached(model, u, labels, temperature, dtype):
     return stepper(model, u.shape[0], labels, dtype, u.device).run(u, temperature)
 
 
-# --- cached sampler for PixelCNN ----------------------------------------------------------------
+# --- cached samplers: shared pieces, and PixelCNN's ----------------------------------------------
 
 
 def _pointwise_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,35 +201,45 @@ class _Pointwise:
 
 
 class _CachedConv:
-    """A k x k masked conv evaluated one position at a time over a rolling buffer of its input.
+    """A causal conv evaluated one output position at a time over a rolling buffer of its input rows.
 
-    ``buffer [B, k//2 + 1, W + 2 (k//2), Cin]``: the conv's input for rows i - k//2 .. i (last slot is
-    the current row), zero-padded left and right like the full conv. Only the kernel taps the mask
-    keeps (rows above, left of centre, centre) are gathered, so each step is one small matmul.
+    ``weight [Cout, Cin, rows, kw]`` (masked, dilation ``d``) holds the kernel rows that reach the
+    rows above and the current one (the last). ``buffer [B, d (rows - 1) + 1, pad_left + W + pad_right,
+    Cin]``: the conv's input for those rows (last slot: the current row), zero-padded left and right
+    like the full conv, so the window of output column j starts at buffer column j. Only the taps the
+    conv can read (rows above, and in the current row columns <= j) are gathered, so each step is one
+    small matmul.
     """
 
-    def __init__(self, conv: MaskedConv2d, batch: int, width: int, dtype, device):
-        k = conv.kernel_size[0]
-        self.pad = pad = k // 2
-        self.cols = cols = width + 2 * pad
-        weight = conv.masked_weight().to(dtype)  # [Cout, Cin, k, k]
-        taps = [(dy, dx) for dy in range(pad + 1) for dx in range(k) if dy < pad or dx <= pad]
-        dy = torch.tensor([t[0] for t in taps])
-        dx = torch.tensor([t[1] for t in taps])
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, batch: int, width: int, dtype, device, *,
+                 pad_left: int, dilation: int = 1):
+        _, cin, rows, kw = weight.shape
+        d = dilation
+        self.pad_left = pad_left
+        cols = width + (kw - 1) * d  # pad_left + width + pad_right, the kernel spanning (kw - 1) d + 1 columns
+        taps = [(y, x) for y in range(rows) for x in range(kw) if y < rows - 1 or x * d <= pad_left]
+        ky = torch.tensor([t[0] for t in taps])
+        kx = torch.tensor([t[1] for t in taps])
         # [Cout, Cin, P] -> [P * Cin, Cout], matching the gathered [B, P, Cin] flattened.
-        self.weight = weight[:, :, dy, dx].permute(2, 1, 0).reshape(len(taps) * conv.in_channels, -1).contiguous()
-        self.bias = conv.bias.to(dtype)
-        # Flat buffer index of each tap for output column j: row slot dy, column j + dx.
-        self.index = [(dy * cols + dx + j).to(device) for j in range(width)]
-        self.buffer = torch.zeros(batch, pad + 1, cols, conv.in_channels, dtype=dtype, device=device)
+        self.weight = weight.to(dtype)[:, :, ky, kx].permute(2, 1, 0).reshape(len(taps) * cin, -1).contiguous()
+        self.bias = bias.to(dtype)
+        # Flat buffer index of each tap for output column j: row slot ky * d, column j + kx * d.
+        self.index = [(ky * d * cols + kx * d + j).to(device) for j in range(width)]
+        self.buffer = torch.zeros(batch, (rows - 1) * d + 1, cols, cin, dtype=dtype, device=device)
+
+    @classmethod
+    def masked(cls, conv: MaskedConv2d, batch: int, width: int, dtype, device) -> "_CachedConv":
+        """A same-padded k x k masked conv: its kernel rows 0 .. k//2 reach the rows it may read."""
+        pad = conv.kernel_size[0] // 2
+        return cls(conv.masked_weight()[:, :, :pad + 1], conv.bias, batch, width, dtype, device, pad_left=pad)
 
     def next_row(self) -> None:
-        if self.pad:
+        if self.buffer.shape[1] > 1:
             self.buffer[:, :-1] = self.buffer[:, 1:].clone()
-            self.buffer[:, -1].zero_()
+        self.buffer[:, -1].zero_()
 
     def write(self, j: int, x: torch.Tensor) -> None:
-        self.buffer[:, -1, j + self.pad] = x
+        self.buffer[:, -1, j + self.pad_left] = x
 
     def __call__(self, j: int) -> torch.Tensor:
         flat = self.buffer.view(self.buffer.shape[0], -1, self.buffer.shape[-1])
@@ -234,19 +247,58 @@ class _CachedConv:
         return torch.addmm(self.bias, taps, self.weight)
 
 
-class _PixelCNNStepper:
+class _Stepper:
+    """The raster loop every cached sampler shares: pixel by pixel, channel by channel.
+
+    A subclass sets ``input_cache`` (the cached conv that reads the image in the current row),
+    ``start_row(i, levels)`` (called once rows < i are drawn) and ``logits_at(j)`` (logits
+    ``[B, levels, C]`` at (current row, j), filling every layer's cache at j).
+    """
+
+    cfg = None
+    dtype = None
+    input_cache: _CachedConv
+
+    def start_row(self, i: int, levels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def logits_at(self, j: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, u: torch.Tensor, temperature: float):
+        b, height, width, channels = u.shape
+        levels = torch.zeros(b, channels, height, width, dtype=torch.long, device=u.device)
+        log_prob = torch.zeros(b, dtype=torch.float64, device=u.device)
+        for i in range(height):
+            self.start_row(i, levels)
+            for j in range(width):
+                for c in range(channels):
+                    # Channels < c of this pixel are drawn; later ones are masked out of every logit
+                    # we read, and features at (i, j) never depend on the last channel.
+                    self.input_cache.write(j, self._scaled(levels[:, :, i, j]))
+                    level, lp = draw(self.logits_at(j)[:, :, c], u[:, i, j, c], temperature)
+                    levels[:, c, i, j] = level
+                    log_prob += lp
+                self.input_cache.write(j, self._scaled(levels[:, :, i, j]))  # the finished pixel
+        return levels, log_prob
+
+    def _scaled(self, pixel_levels: torch.Tensor) -> torch.Tensor:
+        return scale_input(levels_to_input(pixel_levels, self.cfg.levels, self.dtype))
+
+
+class _PixelCNNStepper(_Stepper):
     def __init__(self, model: PixelCNN, batch: int, labels, dtype, device):
         cfg = model.config
         width = cfg.image_size[1]
         self.cfg = cfg
-        self.input_conv = _CachedConv(model.input_conv, batch, width, dtype, device)
+        self.input_conv = self.input_cache = _CachedConv.masked(model.input_conv, batch, width, dtype, device)
         self.input_norm = model.input_norm
         self.blocks = []
         for block in model.blocks:
             bias = None if block.label_bias is None else block.label_bias(labels).to(dtype)
             self.blocks.append((
                 _Pointwise(block.reduce, dtype), block.norm1,
-                _CachedConv(block.conv, batch, width, dtype, device), bias, block.norm2,
+                _CachedConv.masked(block.conv, batch, width, dtype, device), bias, block.norm2,
                 _Pointwise(block.expand, dtype), block.norm3,
             ))
         self.head = [_Pointwise(conv, dtype) for conv in model.head]
@@ -254,8 +306,12 @@ class _PixelCNNStepper:
         self.caches = [self.input_conv] + [b[2] for b in self.blocks]
         self.dtype = dtype
 
+    def start_row(self, i: int, levels: torch.Tensor) -> None:
+        if i:
+            for cache in self.caches:
+                cache.next_row()
+
     def logits_at(self, j: int) -> torch.Tensor:
-        """Logits ``[B, levels, C]`` at (current row, j), filling every layer's cache at j."""
         h = _pointwise_norm(self.input_norm, self.input_conv(j))
         for reduce, norm1, conv, bias, norm2, expand, norm3 in self.blocks:
             conv.write(j, F.relu(_pointwise_norm(norm1, reduce(F.relu(h)))))
@@ -268,27 +324,108 @@ class _PixelCNNStepper:
             h = conv(F.relu(h))
         return self.output(F.relu(h)).view(h.shape[0], self.cfg.levels, self.cfg.in_channels)
 
-    def run(self, u: torch.Tensor, temperature: float):
-        b, height, width, channels = u.shape
-        levels = torch.zeros(b, channels, height, width, dtype=torch.long, device=u.device)
-        log_prob = torch.zeros(b, dtype=torch.float64, device=u.device)
-        for i in range(height):
-            if i:
-                for cache in self.caches:
-                    cache.next_row()
-            for j in range(width):
-                for c in range(channels):
-                    # Channels < c of this pixel are drawn; later ones are masked out of every logit
-                    # we read, and features at (i, j) never depend on the last channel.
-                    self.input_conv.write(j, self._scaled(levels[:, :, i, j]))
-                    level, lp = draw(self.logits_at(j)[:, :, c], u[:, i, j, c], temperature)
-                    levels[:, c, i, j] = level
-                    log_prob += lp
-                self.input_conv.write(j, self._scaled(levels[:, :, i, j]))  # the finished pixel
-        return levels, log_prob
 
-    def _scaled(self, pixel_levels: torch.Tensor) -> torch.Tensor:
-        return scale_input(levels_to_input(pixel_levels, self.cfg.levels, self.dtype))
+# --- cached sampler for GatedPixelCNN -----------------------------------------------------------
 
 
-CACHED_STEPPERS: dict[type, type] = {PixelCNN: _PixelCNNStepper}
+class _RowConv:
+    """A vertical-stack conv computed for a whole row at once, over a rolling buffer of its input rows.
+
+    ``buffer [B, Cin, d (kh - 1) + 1, W + 2 reach]``: the last rows of the conv's input, zero-padded
+    like the full conv (rows above the image start as zeros). ``push`` appends the newest row; the
+    conv over the buffer is then exactly one output row, as a batched ``conv2d`` (a row at a time
+    costs W times fewer calls than a pixel at a time).
+    """
+
+    def __init__(self, conv: StackConv2d, batch: int, width: int, dtype, device):
+        left, right, _, _ = conv.pad
+        rows = conv.dilation[0] * (conv.kernel_size[0] - 1) + 1
+        self.weight = conv.masked_weight().to(dtype)
+        self.bias = conv.bias.to(dtype)
+        self.dilation = conv.dilation
+        self.left = left
+        self.buffer = torch.zeros(batch, conv.in_channels, rows, left + width + right, dtype=dtype, device=device)
+
+    def push(self, row: torch.Tensor) -> None:
+        """Append input row ``[B, Cin, W]`` (the oldest row drops out)."""
+        if self.buffer.shape[2] > 1:
+            self.buffer[:, :, :-1] = self.buffer[:, :, 1:].clone()
+        self.buffer[:, :, -1, self.left:self.left + row.shape[-1]] = row
+
+    def __call__(self) -> torch.Tensor:
+        return F.conv2d(self.buffer, self.weight, self.bias, dilation=self.dilation)[:, :, 0]  # [B, Cout, W]
+
+
+class _GatedStepper(_Stepper):
+    """Cached sampling for GatedPixelCNN: a row of the vertical stack at a time, a pixel of the
+    horizontal stack at a time.
+
+    What is cached, and why that is exact:
+
+    * Vertical stack. Its features at row i depend only on rows < i (the input layer looks strictly
+      above; each later vertical conv reads rows <= i of features that see only rows < i). So they are
+      final once row i starts: ``start_row`` computes every layer's vertical features for the whole
+      row i in one batched conv each (``_RowConv``: the last d (k//2) + 1 rows of that layer's input),
+      and keeps per layer the row's link term ``link(v_pre) [B, W, 2h]`` for the horizontal stack.
+    * Horizontal stack. Its features at (i, j) read row i of the layer below at columns <= j only, so
+      a value at (i, j) never changes once written. Per pixel, one column of every layer is computed
+      from a one-row buffer of that layer's input (``_CachedConv``, only the taps left of and at j).
+
+    Memory: per layer the buffers hold d (k//2) + 1 rows (vertical) and one row (horizontal) of
+    ``hidden`` channels, plus one row of 2 ``hidden`` link terms: O(layers x batch x channels x a few
+    rows x width), never a whole image per layer.
+    """
+
+    def __init__(self, model: GatedPixelCNN, batch: int, labels, dtype, device):
+        cfg = self.cfg = model.config
+        self.dtype = dtype
+        width = cfg.image_size[1]
+        self.input_v = _RowConv(model.input_v, batch, width, dtype, device)
+        self.input_cache = self._cached(model.input_h, batch, width, dtype, device)
+        self.layers = []
+        for layer in model.layers:
+            bias = (None, None) if layer.label_bias is None else layer.label_bias(labels).to(dtype).chunk(2, dim=1)
+            self.layers.append(SimpleNamespace(
+                v_conv=_RowConv(layer.v_conv, batch, width, dtype, device),
+                h_conv=self._cached(layer.h_conv, batch, width, dtype, device),
+                link_module=layer.link, link=None, v_bias=bias[0], h_bias=bias[1],
+                residual=_Pointwise(layer.residual, dtype), skip=_Pointwise(layer.skip, dtype),
+            ))
+        self.head = _Pointwise(model.head, dtype)
+        self.output = _Pointwise(model.output_conv, dtype)
+
+    @staticmethod
+    def _cached(conv: StackConv2d, batch: int, width: int, dtype, device) -> _CachedConv:
+        return _CachedConv(conv.masked_weight(), conv.bias, batch, width, dtype, device,
+                           pad_left=conv.pad[0], dilation=conv.dilation[1])
+
+    def start_row(self, i: int, levels: torch.Tensor) -> None:
+        if i:
+            self.input_v.push(scale_input(levels_to_input(levels[:, :, i - 1], self.cfg.levels, self.dtype)))
+        v = self.input_v()
+        for layer in self.layers:
+            layer.h_conv.next_row()
+            layer.v_conv.push(v)
+            v_pre = layer.v_conv()[:, :, None]  # [B, 2h, 1, W]
+            layer.link = layer.link_module(v_pre)[:, :, 0].transpose(1, 2).contiguous()  # [B, W, 2h]
+            if layer.v_bias is not None:
+                v_pre = v_pre + layer.v_bias[:, :, None, None]
+            v = gate(v_pre)[:, :, 0]
+        self.input_cache.next_row()
+
+    def logits_at(self, j: int) -> torch.Tensor:
+        h = self.input_cache(j)
+        skip = 0
+        for layer in self.layers:
+            layer.h_conv.write(j, h)
+            pre = layer.h_conv(j) + layer.link[:, j]
+            if layer.h_bias is not None:
+                pre = pre + layer.h_bias
+            g = gate(pre)
+            h = h + layer.residual(g)
+            skip = skip + layer.skip(g)
+        logits = self.output(F.relu(self.head(F.relu(skip))))
+        return logits.view(logits.shape[0], self.cfg.levels, self.cfg.in_channels)
+
+
+CACHED_STEPPERS: dict[type, type] = {PixelCNN: _PixelCNNStepper, GatedPixelCNN: _GatedStepper}
