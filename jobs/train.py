@@ -27,11 +27,14 @@ from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_
 from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
-from pixelcnn.training import AMP_MODES, MODELS, Runtime, TrainConfig, train  # noqa: E402
+from pixelcnn.training import AMP_MODES, MODELS, SCHEDULES, Runtime, TrainConfig, train  # noqa: E402
 
 # Flags that define what is trained: a rerun of --name must keep them (others, such as --epochs or
 # --lr, may change to extend a run).
-RUN_IDENTITY = ("dataset", "subset", "model", "hidden", "blocks", "norm", "conditional", "batch_size", "seed")
+RUN_IDENTITY = (
+    "dataset", "subset", "model", "hidden", "blocks", "norm", "layers", "kernel_size", "conditional", "batch_size",
+    "seed",
+)
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -45,23 +48,30 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     data.add_argument("--test-subset", type=int, help="evaluate on the first N test images only (default: all)")
     model = p.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODELS), default=d.model, help="architecture")
-    model.add_argument("--hidden", type=int, default=d.hidden, help="h: residual blocks map 2h -> h -> h -> 2h")
-    model.add_argument("--blocks", type=int, default=d.blocks, help="number of residual blocks")
-    model.add_argument("--norm", choices=NORMS, default=d.norm, help="normalisation in blocks (batch leaks the future in training)")
+    model.add_argument("--hidden", type=int, default=d.hidden, help="h: pixelcnn blocks map 2h -> h -> h -> 2h; gated: channels of each stack")
+    model.add_argument("--blocks", type=int, default=d.blocks, help="pixelcnn: number of residual blocks")
+    model.add_argument("--norm", choices=NORMS, default=d.norm, help="pixelcnn: normalisation in blocks (batch leaks the future in training)")
+    model.add_argument("--layers", type=int, default=d.layers, help="gated: number of gated layers")
+    model.add_argument("--kernel-size", type=int, default=d.kernel_size, help="gated: odd k; vertical kernels (k//2+1) x k, horizontal 1 x (k//2+1)")
+    model.add_argument("--dropout", type=float, default=d.dropout, help="gated: dropout rate on the gated features in training")
     model.add_argument("--conditional", action="store_true", help="condition on the dataset's class labels")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    opt.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total (the schedule still spans --epochs)")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split evenly across workers")
-    opt.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (for the global batch)")
-    opt.add_argument("--lr-decay", type=float, default=d.lr_decay, help="multiply the learning rate by this every epoch")
+    opt.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate (for the global batch)")
+    opt.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="cosine: anneal to ~0 at the last step of --epochs; constant: apply --lr-decay per epoch")
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up over the first N steps")
+    opt.add_argument("--lr-decay", type=float, default=d.lr_decay, help="--schedule constant: multiply the learning rate by this every epoch")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
+    opt.add_argument("--ema", type=float, default=d.ema, help="decay of the weights' moving average that is evaluated and saved as the model (0: off)")
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     opt.add_argument("--seed", type=int, default=d.seed, help="weights init, data order and sample grids")
     opt.add_argument("--amp", choices=AMP_MODES, default=d.amp, help="bf16 autocast (for GPUs)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model (after DDP wrapping)")
     run = p.add_argument_group("run")
     run.add_argument("--storage", default="./runs", help="local folder or s3://bucket/prefix for the run folder")
-    run.add_argument("--name", help="run name; rerunning a name resumes it (default: <dataset>-<model>-h<hidden>-b<blocks>)")
+    run.add_argument("--name", help="run name; rerunning a name resumes it (default: <dataset>-<model>-h<hidden>-b<blocks>, gated: ...-l<layers>-k<kernel-size>)")
     run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="also checkpoint every N steps (0: per epoch only)")
     run.add_argument("--log-every", type=int, default=d.log_every, help="print training loss every N steps")
     run.add_argument("--grid-samples", type=int, default=d.grid_samples, help="images in each epoch's sample grid (0: none)")
@@ -81,8 +91,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         cfg = TrainConfig(
             dataset=args.dataset, data_dir=args.data_dir, download=args.download, subset=args.subset,
             test_subset=args.test_subset, model=args.model, hidden=args.hidden, blocks=args.blocks, norm=args.norm,
+            layers=args.layers, kernel_size=args.kernel_size, dropout=args.dropout,
             conditional=args.conditional, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            lr=args.lr, lr_decay=args.lr_decay, grad_clip=args.grad_clip, seed=args.seed, amp=args.amp,
+            lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay,
+            weight_decay=args.weight_decay, ema=args.ema, grad_clip=args.grad_clip, seed=args.seed, amp=args.amp,
             compile=args.compile, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
             grid_samples=args.grid_samples,
         )
@@ -92,7 +104,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
         p.error(f"--batch-size {cfg.batch_size} must be divisible by --num-workers {args.num_workers}")
     # Ray Train workers run in a folder of their own: resolve against the driver's (the job's working dir).
     cfg.data_dir = os.path.abspath(cfg.data_dir)
-    args.name = args.name or f"{cfg.dataset}-{cfg.model}-h{cfg.hidden}-b{cfg.blocks}"
+    size = f"l{cfg.layers}-k{cfg.kernel_size}" if cfg.model == "gated" else f"b{cfg.blocks}"
+    args.name = args.name or f"{cfg.dataset}-{cfg.model}-h{cfg.hidden}-{size}"
     return cfg, args
 
 
@@ -174,7 +187,9 @@ def check_run_config(run: Storage, cfg: TrainConfig) -> dict | None:
     except ValueError:
         raise JobError(f"{run.uri}/config.json is not valid JSON") from None
     new = cfg.to_dict()
-    changed = [f"--{k.replace('_', '-')} {stored.get(k)} -> {new[k]}" for k in RUN_IDENTITY if stored.get(k) != new[k]]
+    # A flag added after the run was stored had its default then (say --layers, for a pixelcnn run).
+    then = {**TrainConfig().to_dict(), **stored}
+    changed = [f"--{k.replace('_', '-')} {then[k]} -> {new[k]}" for k in RUN_IDENTITY if then[k] != new[k]]
     if changed:
         raise JobError(f"run {run.uri} was started with other settings ({'; '.join(changed)}): use another --name")
     return stored

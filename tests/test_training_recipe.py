@@ -1,0 +1,171 @@
+"""The training recipe, in process on the synthetic dataset: EMA weights saved as the model with both
+test figures reported, exact resume (raw + EMA weights, AdamW state, schedule, dropout masks), the
+learning-rate schedules, and the jobs/train.py flags that set them."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from pixelcnn import GatedPixelCNN, evaluate, load_dataset, load_model
+from pixelcnn.checkpoint import load_checkpoint
+from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# 256 images at batch 64: 4 steps per epoch, 3 epochs; a gated model small enough for ~0.1 s a step.
+TINY = dict(
+    dataset="synthetic", subset=256, test_subset=64, batch_size=64, epochs=3, model="gated", hidden=8, layers=2,
+    kernel_size=3, grid_samples=0, log_every=100,
+)
+
+
+def run(tmp_path, name, **overrides):
+    cfg = TrainConfig(**{**TINY, **overrides})
+    lines = []
+    final = train(cfg, Runtime(str(tmp_path / name), log=lambda message, **_: lines.append(message)))
+    return final, load_checkpoint(tmp_path / name), lines
+
+
+def test_ema_weights_are_the_model_and_both_figures_are_reported(tmp_path):
+    final, ckpt, _ = run(tmp_path, "ema", ema=0.9)
+    raw, averaged = ckpt["training"]["raw_state"], ckpt["model_state"]
+    assert raw.keys() == averaged.keys()
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw), "EMA weights should differ from the raw ones"
+    assert final["test_bits_per_dim"] != final["test_bits_per_dim_raw"]
+    # test_bits_per_dim is the saved model's (what load_model and sampling use), _raw the raw weights'.
+    test = load_dataset("synthetic", None, train=False, subset=TINY["test_subset"])
+    model = load_model(tmp_path / "ema")
+    assert abs(evaluate(model, test)["bits_per_dim"] - final["test_bits_per_dim"]) < 1e-5
+    model.load_state_dict(raw)
+    assert abs(evaluate(model, test)["bits_per_dim"] - final["test_bits_per_dim_raw"]) < 1e-5
+    metrics = [json.loads(line) for line in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"test_bits_per_dim", "test_bits_per_dim_raw"} <= m.keys() for m in metrics)
+
+
+def test_without_ema_the_raw_weights_are_the_model(tmp_path):
+    final, ckpt, _ = run(tmp_path, "raw", ema=0.0, max_steps=2)
+    assert "raw_state" not in ckpt["training"]
+    assert final["test_bits_per_dim"] == final["test_bits_per_dim_raw"]
+
+
+def test_ema_update_follows_its_formula():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.99)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1)  # ramp: min(0.99, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(ema.model.weight, d * before + (1 - d) * model.weight, atol=1e-6, rtol=0)
+    assert not ema.model.weight.requires_grad
+    before = ema.model.weight.clone()
+    ema.update(model, step=10_000)  # ramp over: the decay itself
+    assert torch.allclose(ema.model.weight, 0.99 * before + 0.01 * model.weight, atol=1e-6, rtol=0)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    """Stopped at step 5 (inside epoch 2) and resumed to 10 == 10 steps in one go: raw and EMA weights,
+    AdamW state, cosine schedule with warm-up, weight decay and dropout masks all carry over."""
+    recipe = dict(dropout=0.1, ema=0.9, schedule="cosine", warmup_steps=3, weight_decay=0.01, lr=3e-3)
+    _, stopped, _ = run(tmp_path, "resumed", max_steps=5, **recipe)
+    assert stopped["step"] == 5
+    final, resumed, lines = run(tmp_path, "resumed", max_steps=10, **recipe)
+    assert "resuming from step 5" in lines
+    once_final, once, _ = run(tmp_path, "once", max_steps=10, **recipe)
+    assert resumed["step"] == once["step"] == 10
+    for name in ("model_state",):
+        for key, value in once[name].items():
+            assert torch.equal(resumed[name][key], value), f"{name}[{key}]"
+    for key, value in once["training"]["raw_state"].items():
+        assert torch.equal(resumed["training"]["raw_state"][key], value), f"raw_state[{key}]"
+    resumed_opt, once_opt = resumed["training"]["optimizer"], once["training"]["optimizer"]
+    for index, state in once_opt["state"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed_opt["state"][index][key], value), f"optimizer state {index} {key}"
+    assert final["test_bits_per_dim"] == once_final["test_bits_per_dim"]
+    assert final["lr"] == once_final["lr"]
+    # ... and the run did move: the comparison is not between two untouched initialisations.
+    torch.manual_seed(0)
+    init = GatedPixelCNN(TrainConfig(**TINY).model_config()).state_dict()
+    assert any(not torch.allclose(init[k], once["training"]["raw_state"][k]) for k in init)
+
+
+def test_cosine_schedule_values():
+    cfg = TrainConfig(lr=1e-3, epochs=2, schedule="cosine", warmup_steps=10)
+    steps_per_epoch = 55  # 110 steps in all: 10 warm-up, then 100 of cosine
+    lr = [learning_rate(cfg, s, steps_per_epoch) for s in range(110)]
+    assert lr[0] == pytest.approx(1e-4) and lr[4] == pytest.approx(5e-4)  # linear warm-up
+    assert lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)  # peak
+    assert lr[60] == pytest.approx(0.5e-3)  # half way through the cosine
+    assert lr[35] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert 0 < lr[109] < 1e-6  # ~0 at the last step
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    # max_steps stops early without changing the schedule: a stopped run resumes onto the same curve.
+    assert learning_rate(TrainConfig(**{**cfg.to_dict(), "max_steps": 20}), 60, steps_per_epoch) == lr[60]
+
+
+def test_constant_schedule_keeps_lr_decay_per_epoch():
+    cfg = TrainConfig(lr=1e-3, schedule="constant", lr_decay=0.5, warmup_steps=4, epochs=3)
+    assert [learning_rate(cfg, s, 10) for s in (0, 3, 9, 10, 25)] == pytest.approx([2.5e-4, 1e-3, 1e-3, 5e-4, 2.5e-4])
+
+
+def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
+    cfg = dict(schedule="cosine", warmup_steps=2, lr=2e-3, checkpoint_every=2, ema=0.0)
+    run(tmp_path, "lr", **cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    config = TrainConfig(**{**TINY, **cfg})
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    for m in metrics:  # "lr" is the rate of the last step taken
+        assert m["lr"] == pytest.approx(learning_rate(config, m["step"] - 1, 4))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"schedule": "linear"}, "--schedule"), ({"ema": 1.0}, "--ema"), ({"dropout": 0.1}, "--model gated"),
+    ({"kernel_size": 4}, "--kernel-size"), ({"lr_decay": 0.9}, "--schedule constant"),
+    ({"warmup_steps": -1}, "--warmup-steps"), ({"layers": 0}, "--layers"),
+])
+def test_bad_recipe_values_are_one_line_errors(bad, match):
+    with pytest.raises(ValueError, match=match) as info:
+        TrainConfig(**bad)
+    assert "\n" not in str(info.value)
+
+
+def test_job_flags_map_onto_the_config(capsys):
+    from jobs import train as job
+
+    cfg, args = job.parse_args([
+        "--model", "gated", "--hidden", "32", "--layers", "7", "--kernel-size", "3", "--dropout", "0.2",
+        "--ema", "0.995", "--schedule", "constant", "--warmup-steps", "50", "--lr-decay", "0.9",
+        "--weight-decay", "0.01", "--dataset", "synthetic",
+    ])
+    assert (cfg.model, cfg.hidden, cfg.layers, cfg.kernel_size, cfg.dropout) == ("gated", 32, 7, 3, 0.2)
+    assert (cfg.ema, cfg.schedule, cfg.warmup_steps, cfg.lr_decay, cfg.weight_decay) == (0.995, "constant", 50, 0.9, 0.01)
+    assert args.name == "synthetic-gated-h32-l7-k3"
+    assert isinstance(GatedPixelCNN(cfg.model_config()), GatedPixelCNN)
+    assert {"layers", "kernel_size"} <= set(job.RUN_IDENTITY)
+    defaults, _ = job.parse_args([])
+    assert defaults == TrainConfig(data_dir=defaults.data_dir)  # flag defaults are TrainConfig's
+    with pytest.raises(SystemExit):
+        job.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--layers", "--kernel-size", "--dropout", "--ema", "--schedule", "--warmup-steps", "--weight-decay"):
+        assert f"{flag} " in text, flag
+
+
+def test_rerun_identity_check_fills_flags_a_stored_run_predates(tmp_path):
+    from jobs import train as job
+    from jobs.common import JobError, open_storage
+
+    run_dir = open_storage(str(tmp_path)).child("old")
+    stored = {"dataset": "mnist", "subset": None, "model": "pixelcnn", "hidden": 128, "blocks": 15, "norm": "none",
+              "conditional": False, "batch_size": 128, "seed": 0}  # written before --layers existed
+    run_dir.write("config.json", json.dumps(stored).encode())
+    job.check_run_config(run_dir, TrainConfig())  # no complaint about --layers / --kernel-size
+    with pytest.raises(JobError, match="--layers 12 -> 6"):
+        job.check_run_config(run_dir, TrainConfig(layers=6))
