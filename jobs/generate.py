@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
-import math
 import os
 import sys
 import time
@@ -41,7 +39,7 @@ import torch  # noqa: E402
 from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
-from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, sample_table  # noqa: E402
+from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
 
 MANIFEST = "_manifest.json"
 PART_PREFIX = "part-"
@@ -240,19 +238,12 @@ def make_sink(output: Storage):
 
 def write_preview(output: Storage, count: int) -> None:
     """A contact sheet of the first ``count`` ids, read back from the written Parquet."""
-    from PIL import Image
-
-    from pixelcnn._torchvision import import_torchvision
-
     files = part_files(output)
     table = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(
         columns=["id", "image_png"], filter=pads.field("id") < count,
     ).sort_by("id")
     images = torch.stack([torch.from_numpy(decode_png(png.as_py())) for png in table.column("image_png")])
-    grid = import_torchvision().utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), pad_value=128)
-    buffer = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-    output.write("preview.png", buffer.getvalue())
+    output.write("preview.png", grid_png(images))
 
 
 def main(argv=None) -> dict:

@@ -54,6 +54,14 @@ def encode_png(image: torch.Tensor | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def grid_png(images: torch.Tensor) -> bytes:
+    """A contact sheet of uint8 images ``[N, C, H, W]`` as PNG bytes (torchvision's ``make_grid``)."""
+    from ._torchvision import import_torchvision
+
+    grid = import_torchvision().utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), pad_value=128)
+    return encode_png(grid)  # make_grid always gives 3 channels
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 ``[C, H, W]``."""
     array = np.array(Image.open(io.BytesIO(data)))

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from ._torchvision import import_torchvision
 from .checkpoint import MODEL_FILE, checkpoint_dict, save_checkpoint
 from .data import DATASET_SHAPES, ImageData, load_dataset
 from .likelihood import bits_per_dim, loss_per_dim, model_logits, nll_per_image
 from .models import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from .sampling import sample
+from .schema import grid_png
 
 MODELS = {"pixelcnn": (PixelCNN, PixelCNNConfig), "gated": (GatedPixelCNN, GatedPixelCNNConfig)}
 AMP_MODES = ("off", "bf16")
@@ -388,16 +388,6 @@ def _evaluate_sharded(model, data: ImageData, cfg: TrainConfig, runtime: Runtime
 
 
 def sample_grid_png(model, count: int, seed: int) -> bytes:
-    """A PNG grid of ``count`` samples (via torchvision's ``make_grid``)."""
-    import io
-
-    from PIL import Image
-
-    labels = None
-    if model.config.num_classes:
-        labels = torch.arange(count) % model.config.num_classes
-    images = sample(model, count, seed=seed, labels=labels, batch_size=count).images
-    grid = import_torchvision().utils.make_grid(images, nrow=int(math.ceil(math.sqrt(count))), pad_value=128)
-    buffer = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buffer, format="PNG")  # make_grid gives 3 channels
-    return buffer.getvalue()
+    """A PNG grid of ``count`` samples (conditional models: classes in turn)."""
+    labels = torch.arange(count) % model.config.num_classes if model.config.num_classes else None
+    return grid_png(sample(model, count, seed=seed, labels=labels, batch_size=count).images)

@@ -1,6 +1,5 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
-import json
 import subprocess
 import time
 

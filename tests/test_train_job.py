@@ -44,7 +44,6 @@ def test_two_ddp_workers_checkpoint_to_s3_and_match_one_worker(ray_cluster, s3, 
     run_job("train.py", *SMALL, "--max-steps", 4, "--num-workers", 1, "--storage", tmp_path, "--name", "one", env=local_ray_env)
     two = s3_model(s3, "runs/ddp2/model.pt")["model_state"]
     one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model_state"]
-    initial = torch.nn.Module()
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-5, rtol=1e-4), name
     # ... and training moved them: the comparison is not between two untouched initialisations.
