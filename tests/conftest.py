@@ -1,4 +1,11 @@
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,13 +33,6 @@ def randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.
 
 # --- end-to-end fixtures: a real S3 endpoint and a real Ray cluster, both on loopback only ----------
 
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 PYTHON = sys.executable
 
@@ -59,13 +59,25 @@ def base_env(**extra) -> dict:
 
 @pytest.fixture(scope="session")
 def s3():
-    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions."""
+    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions.
+
+    A separate process: moto's in-process state is global, and other tests' ``mock_aws`` resets it.
+    """
     import boto3
-    from moto.server import ThreadedMotoServer
 
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "moto_server did not start"
+            time.sleep(0.1)
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
@@ -76,8 +88,11 @@ def s3():
         aws_secret_access_key="testing", region_name="us-east-1",
     )
     client.create_bucket(Bucket="pixelcnn")
-    yield type("S3", (), {"env": env, "client": client, "endpoint": env["AWS_ENDPOINT_URL"]})
-    server.stop()
+    try:
+        yield type("S3", (), {"env": env, "client": client, "endpoint": env["AWS_ENDPOINT_URL"]})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
