@@ -35,9 +35,15 @@ class S3Settings:
     region: str | None = None
 
     @classmethod
-    def from_env(cls, endpoint: str | None = None) -> "S3Settings":
+    def from_env(cls, endpoint: str | None = None, bucket: str | None = None) -> "S3Settings":
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region is None and endpoint is None and bucket:
+            # Arrow does not follow S3's region redirects, and Ray nodes rarely set AWS_REGION: ask S3.
+            try:
+                region = pafs.resolve_s3_region(bucket)
+            except OSError:
+                region = None  # a missing bucket is reported by check_writable, in one line
         return cls(endpoint or None, region)
 
     def filesystem(self) -> pafs.S3FileSystem:
@@ -102,7 +108,7 @@ def open_storage(uri: str, endpoint: str | None = None) -> Storage:
         if not parsed.netloc:
             raise JobError(f"storage URI {uri!r} names no bucket (expected s3://bucket/prefix)")
         path = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-        return Storage(uri.rstrip("/"), path, S3Settings.from_env(endpoint))
+        return Storage(uri.rstrip("/"), path, S3Settings.from_env(endpoint, parsed.netloc))
     if parsed.scheme not in ("", "file"):
         raise JobError(f"unsupported storage URI {uri!r}: use a local folder or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme else uri))
@@ -140,5 +146,9 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
-def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def root_cause(error: BaseException) -> str:
+    """The innermost error's last line: worker errors arrive wrapped around a traceback snippet."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]

@@ -36,7 +36,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage  # noqa: E402
+from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -274,6 +274,8 @@ def main(argv=None) -> dict:
             write_preview(output, min(args.preview, args.num_samples))
     except (JobError, CheckpointError) as error:
         fail(str(error))
+    except Exception as error:  # an actor's or the sink's error, re-raised by Ray Data: one line
+        fail(f"generation failed: {root_cause(error)}")
     finally:
         _shutdown_ray()
     summary = {

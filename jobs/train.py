@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage  # noqa: E402
+from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -31,6 +31,8 @@ from pixelcnn.training import AMP_MODES, MODELS, SCHEDULES, Runtime, TrainConfig
 
 # Flags that define what is trained: a rerun of --name must keep them (others, such as --epochs or
 # --lr, may change to extend a run).
+# A finished run with the same identity and these is done: rerunning it trains nothing.
+RUN_LENGTH = ("epochs", "max_steps")
 RUN_IDENTITY = (
     "dataset", "subset", "model", "hidden", "blocks", "norm", "layers", "kernel_size", "conditional", "batch_size",
     "seed",
@@ -155,6 +157,14 @@ class RayTrainRuntime(Runtime):
             return
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        # Run-root copies for people and for jobs/generate.py first (each write atomic): if the worker
+        # dies after them, Ray Train resumes from its previous checkpoint and writes them again, whereas
+        # a report that succeeded before them could leave them stale for good.
+        for name, data in files.items():
+            self.run.write(name, data)
+        history = checkpoint["training"]["history"]
+        self.run.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
+        self.run.write(MODEL_FILE, buffer.getvalue())
         with tempfile.TemporaryDirectory() as folder:
             with open(os.path.join(folder, MODEL_FILE), "wb") as f:
                 f.write(buffer.getvalue())
@@ -163,12 +173,6 @@ class RayTrainRuntime(Runtime):
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                 checkpoint_dir_name=f"checkpoint_{metrics['step']:09d}",
             )
-        # Convenience copies at the run root for people and for jobs/generate.py; each write is atomic.
-        for name, data in files.items():
-            self.run.write(name, data)
-        history = checkpoint["training"]["history"]
-        self.run.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
-        self.run.write(MODEL_FILE, buffer.getvalue())
 
 
 def train_worker(config: dict) -> None:
@@ -231,7 +235,8 @@ def main(argv=None) -> dict:
         check_writable(storage)
         stored = check_run_config(run, cfg)
         previous = last_metrics(run)
-        if stored == cfg.to_dict() and previous and previous.get("done"):
+        same_run = all(stored.get(k) == getattr(cfg, k) for k in RUN_IDENTITY + RUN_LENGTH) if stored else False
+        if same_run and previous and previous.get("done"):
             print(f"run {run.uri} already finished at step {previous['step']}: nothing to train", flush=True)
             print(json.dumps(previous), flush=True)
             return previous
@@ -261,7 +266,7 @@ def main(argv=None) -> dict:
     except (JobError, DataError) as error:
         fail(str(error))
     except Exception as error:  # a worker's error, re-raised by fit(): one line, not a wall of traces
-        fail(f"training failed: {_root_cause(error)}")
+        fail(f"training failed: {root_cause(error)}")
     finally:
         _shutdown_ray()
     final = last_metrics(run)
@@ -274,14 +279,6 @@ def _shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-def _root_cause(error: BaseException) -> str:
-    """The innermost error's last line: worker errors arrive wrapped around a traceback snippet."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 if __name__ == "__main__":

@@ -221,14 +221,16 @@ class GatedLayer(nn.Module):
     ``link`` without a shift: the shift is made once, by the model's input layer.
     """
 
-    def __init__(self, cfg: GatedPixelCNNConfig, dilation: int = 1):
+    def __init__(self, cfg: GatedPixelCNNConfig, dilation: int = 1, last: bool = False):
         super().__init__()
         h, c, k = cfg.hidden, cfg.in_channels, cfg.kernel_size
         self.v_conv = vertical_conv(h, 2 * h, k, dilation)
         self.h_conv = horizontal_conv("B", h, 2 * h, k, c, dilation, halves=2)
         # Vertical features come from earlier rows only, so every horizontal group may read all of them.
         self.link = nn.Conv2d(2 * h, 2 * h, 1)
-        self.residual = MaskedConv2d("B", h, h, 1, c)
+        # The last layer's horizontal output feeds nothing (only its skip does): no residual conv there,
+        # or its weights would never get a gradient and DDP (find_unused_parameters=False) would fail.
+        self.residual = None if last else MaskedConv2d("B", h, h, 1, c)
         self.skip = MaskedConv2d("B", h, h, 1, c)
         self.dropout = nn.Dropout(cfg.dropout)
         # Class conditioning: one learned bias per class for both gate halves of both stacks
@@ -246,7 +248,7 @@ class GatedLayer(nn.Module):
             v_bias, h_bias = self.label_bias(labels)[:, :, None, None].chunk(2, dim=1)
             v_pre, h_pre = v_pre + v_bias, h_pre + h_bias
         g = self.dropout(gate(h_pre))
-        return gate(v_pre), h + self.residual(g), self.skip(g)
+        return gate(v_pre), h if self.residual is None else h + self.residual(g), self.skip(g)
 
 
 class GatedPixelCNN(nn.Module):
@@ -267,7 +269,9 @@ class GatedPixelCNN(nn.Module):
         h, c, k = cfg.hidden, cfg.in_channels, cfg.kernel_size
         self.input_v = vertical_conv(c, h, k, shift=True)
         self.input_h = horizontal_conv("A", c, h, k, c)
-        self.layers = nn.ModuleList(GatedLayer(cfg, cfg.dilation(n)) for n in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            GatedLayer(cfg, cfg.dilation(n), last=n == cfg.layers - 1) for n in range(cfg.layers)
+        )
         # 4h wide: the output layer maps it to 256 logits per channel, a 4x wider head than the stacks.
         self.head = MaskedConv2d("B", h, 4 * h, 1, c)
         self.output_conv = MaskedConv2d("B", 4 * h, cfg.levels * c, 1, c)

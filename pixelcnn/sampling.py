@@ -389,7 +389,8 @@ class _GatedStepper(_Stepper):
                 v_conv=_RowConv(layer.v_conv, batch, width, dtype, device),
                 h_conv=self._cached(layer.h_conv, batch, width, dtype, device),
                 link_module=layer.link, link=None, v_bias=bias[0], h_bias=bias[1],
-                residual=_Pointwise(layer.residual, dtype), skip=_Pointwise(layer.skip, dtype),
+                residual=None if layer.residual is None else _Pointwise(layer.residual, dtype),
+                skip=_Pointwise(layer.skip, dtype),
             ))
         self.head = _Pointwise(model.head, dtype)
         self.output = _Pointwise(model.output_conv, dtype)
@@ -422,7 +423,8 @@ class _GatedStepper(_Stepper):
             if layer.h_bias is not None:
                 pre = pre + layer.h_bias
             g = gate(pre)
-            h = h + layer.residual(g)
+            if layer.residual is not None:
+                h = h + layer.residual(g)
             skip = skip + layer.skip(g)
         logits = self.output(F.relu(self.head(F.relu(skip))))
         return logits.view(logits.shape[0], self.cfg.levels, self.cfg.in_channels)

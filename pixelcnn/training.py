@@ -125,6 +125,12 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
         if self.schedule == "cosine" and self.lr_decay != 1.0:
             raise ValueError("--lr-decay applies to --schedule constant only")
+        for name in ("subset", "test_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("grid_samples", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
 

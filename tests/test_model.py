@@ -62,3 +62,15 @@ def test_small_model_overfits_a_handful_of_images(mnist_root):
         losses.append(loss.item())
     assert losses[0] > 4.0, losses[0]  # ~ln 256 = 5.5 nats/dim at init
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("name", ["PixelCNN", "GatedPixelCNN"])
+def test_every_parameter_gets_a_gradient(name):
+    """DDP (find_unused_parameters=False, as Ray Train wraps it) fails on parameters with no gradient."""
+    import pixelcnn
+
+    model = getattr(pixelcnn, name)(image_size=(6, 6), hidden=8, num_classes=3)
+    logits = model(torch.rand(2, 1, 6, 6), torch.tensor([0, 2]))
+    loss_per_dim(logits, torch.randint(0, 256, (2, 1, 6, 6))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused

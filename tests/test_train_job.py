@@ -159,6 +159,12 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
-def test_bad_flags(local_ray_env):
-    proc = run_job("train.py", "--batch-size", 0, env=local_ray_env, check=False)
-    assert proc.returncode == 2 and "--batch-size must be >= 1" in proc.stderr
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", 0, "--batch-size must be >= 1"),
+    ("--subset", 0, "--subset must be >= 1"),
+    ("--grid-samples", -1, "--grid-samples must be >= 0"),
+])
+def test_bad_flags(local_ray_env, flag, value, message):
+    """Refused by the driver, before any worker could spend time on them."""
+    proc = run_job("train.py", flag, value, env=local_ray_env, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
