@@ -146,6 +146,13 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def root_cause(error: BaseException) -> str:
     """The innermost error's last line: worker errors arrive wrapped around a traceback snippet."""
     while error.__cause__ is not None:

@@ -36,7 +36,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause  # noqa: E402
+from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     except Exception as error:  # an actor's or the sink's error, re-raised by Ray Data: one line
         fail(f"generation failed: {root_cause(error)}")
     finally:
-        _shutdown_ray()
+        shutdown_ray()
     summary = {
         "samples": todo, "seconds": round(seconds, 3), "samples_per_s": round(todo / seconds, 2) if todo else 0.0,
         "rows_per_file": args.rows_per_file, "total_rows": total, "output": output.uri,
@@ -325,13 +325,6 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         fn_constructor_kwargs={"checkpoint": checkpoint, "settings": settings},
     )
     dataset.write_datasink(make_sink(output))
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 if __name__ == "__main__":

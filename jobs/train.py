@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause  # noqa: E402
+from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -268,17 +268,10 @@ def main(argv=None) -> dict:
     except Exception as error:  # a worker's error, re-raised by fit(): one line, not a wall of traces
         fail(f"training failed: {root_cause(error)}")
     finally:
-        _shutdown_ray()
+        shutdown_ray()
     final = last_metrics(run)
     print(json.dumps(final), flush=True)  # the last line: final metrics as JSON
     return final
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 if __name__ == "__main__":
