@@ -133,7 +133,7 @@ def check_writable(storage: Storage) -> None:
         raise JobError(f"cannot write to {storage.uri}: {reason}") from None
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None) -> None:
     """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``, as ``ray job submit`` sets), else
     start an in-process single-node Ray, so the same script runs on a laptop and on a cluster."""
     import ray
@@ -143,7 +143,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # Workers inherit the driver's sys.path, so they can import `jobs` and `pixelcnn` too.
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
+        ray.init(address="local", log_to_driver=True)
 
 
 def shutdown_ray() -> None:

@@ -90,13 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
     """The checkpoint's bytes from a run folder, checkpoint folder or .pt file, local or on S3."""
     storage = open_storage(uri, endpoint)
-    if not storage.s3:
-        path = storage.path if storage.path.endswith(".pt") else os.path.join(storage.path, MODEL_FILE)
-        if not os.path.isfile(path):
-            raise JobError(f"checkpoint not found: {path}")
-        with open(path, "rb") as f:
-            return path, f.read()
-    folder, name = (storage, MODEL_FILE)
+    folder, name = storage, MODEL_FILE
     if storage.path.endswith(".pt"):
         parent, name = storage.uri.rsplit("/", 1)
         folder = open_storage(parent, endpoint)
