@@ -9,6 +9,7 @@ from pixelcnn import GatedPixelCNN, PixelCNN, load_checkpoint, load_dataset, loa
 from pixelcnn.checkpoint import checkpoint_dict
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import loss_per_dim, nll_per_image
+from pixelcnn.sampling import _stepper, sample_uniforms
 from test_causality import input_jacobian_support, raster_order
 
 
@@ -199,3 +200,39 @@ def test_class_conditioning_is_learned():
     gap = (flipped - true).mean().item()
     assert gap > 4.0, f"true labels should be worth > 4 nats per image, got {gap:.2f}"
     assert (flipped > true).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("case", [SAMPLER_CASES[1], SAMPLER_CASES[5], SAMPLER_CASES[7]])
+def test_a_stepper_reused_for_later_batches_starts_clean(case):
+    """What CUDA graph replay relies on: one stepper runs batch after batch, each as if it were fresh."""
+    kind, channels, size, extra, seed, temperature, _ = case
+    model = sampler_model(kind, channels, size, extra, seed).eval()
+    classes = extra.get("num_classes", 0)
+    stepper = _stepper(model, 4, torch.float64, torch.device("cpu"))
+    for ids in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        labels = torch.tensor(ids) % classes if classes else None
+        u = sample_uniforms(seed, ids, channels * size[0] * size[1]).view(4, *size, channels)
+        levels, log_prob = stepper.run(u, labels, temperature)
+        fresh = sample(model, ids=ids, seed=seed, temperature=temperature, labels=labels, method="naive")
+        assert torch.equal(levels.to(torch.uint8), fresh.images)
+        assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("case", [SAMPLER_CASES[2], SAMPLER_CASES[5], SAMPLER_CASES[7]])
+def test_cuda_graph_replays_draw_the_cpu_images(case):
+    """On a GPU, ``sample`` runs batch 1 eagerly, captures at batch 2 and replays from batch 3; a
+    partial last batch and a weight update fall back to eager runs. All must match the CPU sampler."""
+    kind, channels, size, extra, seed, temperature, _ = case
+    model = sampler_model(kind, channels, size, extra, seed)
+    classes = extra.get("num_classes", 0)
+    labels = torch.arange(14) % classes if classes else None
+    for update in range(2):
+        if update:
+            with torch.no_grad():
+                next(model.parameters()).mul_(1.5)  # must drop the captured graphs (they copy the weights)
+        cpu = sample(model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
+        gpu = sample(model.cuda(), 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
+        model.cpu()
+        assert torch.equal(gpu.images, cpu.images)
+        assert torch.allclose(gpu.log_prob, cpu.log_prob, atol=1e-9, rtol=0)
