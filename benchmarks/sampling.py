@@ -1,15 +1,20 @@
 """Samples/s of the naive and the cached sampler, side by side, and their ratio.
 
     .venv/bin/python benchmarks/sampling.py                 # CPU: mid-size and reference model
-    .venv/bin/python benchmarks/sampling.py --device cuda   # on a GPU
+    python3 benchmarks/sampling.py --device cuda            # on a GPU: reference model, + CUDA graphs, bf16
 
-Cached: full images through ``pixelcnn.sample(method="cached")``, timed end to end.
+Cached: full images through ``pixelcnn.sample(method="cached")``, timed end to end. On a GPU,
+"cached" replays the sampling loop as one CUDA graph (two untimed calls first: the first runs eagerly,
+the second captures), "eager" is the same sampler with ``cuda_graph=False``, and "bf16" is the graphed
+sampler with the model cast to bfloat16 (its images differ from float32's once a draw lands on the other
+side of a CDF boundary, so the script also reports how far the bf16 sampler's log-probs are from the
+float32 model's, in bits/dim).
 Naive: one full forward pass per pixel, so its time per image is (time of one forward pass at the
 batch size) x H x W x C; that per-step time is measured on the spot (mean of a few passes; the
-sampling draw itself is negligible beside a forward pass). Where a full naive run is affordable
-(``--verify-naive``) it is also run end to end to check that extrapolation. Each configuration runs in a
-fresh subprocess, so "peak MB" is that process's peak resident memory on CPU (peak allocated
-device memory on a GPU), model and interpreter included.
+sampling draw itself is negligible beside a forward pass), after three untimed passes. Where a full naive run is affordable
+(``--verify-naive``) it is also run end to end to check that extrapolation. On CPU each configuration
+runs in a fresh subprocess, so "peak MB" is that process's peak resident memory, model and
+interpreter included; on a GPU it is the peak allocated device memory of the configuration.
 """
 
 from __future__ import annotations
@@ -33,19 +38,34 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
 
     from pixelcnn import PixelCNN, sample
     from pixelcnn.data import levels_to_input
+    from pixelcnn.likelihood import nll_per_image
 
     torch.manual_seed(0)
     model = PixelCNN(**MODELS[kind]).to(device).eval()
     c, (h, w) = model.config.in_channels, model.config.image_size
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if method == "cached":
-        sample(model, min(batch, 2), batch_size=batch, device=device)  # warm-up
+    gpu = device.startswith("cuda")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    extra = {}
+    if method in ("cached", "eager", "bf16"):
+        fast = model.to(torch.bfloat16) if method == "bf16" else model
+        opts = dict(batch_size=batch, device=device, cuda_graph=method != "eager")
+        for seed in range(2 if gpu else 1):  # warm-up; on a GPU the second call captures the graph
+            sample(fast, batch, seed=100 + seed, **opts)
         sync()
         start = time.perf_counter()
-        sample(model, batch, batch_size=batch, seed=1, device=device)
+        out = sample(fast, batch, seed=1, **opts)
         sync()
         seconds = time.perf_counter() - start
         how = "full run"
+        if method == "bf16":  # the float32 model's likelihood of the bf16 sampler's images
+            torch.manual_seed(0)  # the same weights as above, in float32 (Module.to cast them in place)
+            model = PixelCNN(**MODELS[kind]).to(device).eval()
+            with torch.no_grad():
+                images = out.images.to(device).long()
+                exact = -nll_per_image(model(levels_to_input(images)), images).cpu()
+            extra["bf16_log_prob_error_bits_per_dim"] = float((out.log_prob - exact).abs().mean() / (c * h * w) / 0.6931471805599453)
     elif full_naive:
         start = time.perf_counter()
         sample(model, batch, batch_size=batch, seed=1, method="naive", device=device)
@@ -55,7 +75,8 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
     else:
         x = levels_to_input(torch.randint(0, 256, (batch, c, h, w), device=device))
         with torch.no_grad():
-            model(x)  # warm-up
+            for _ in range(3):  # warm-up: on a GPU the first passes are slower (cuDNN's set-up)
+                model(x)
             sync()
             start = time.perf_counter()
             for _ in range(naive_steps):
@@ -63,11 +84,12 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             sync()
         seconds = (time.perf_counter() - start) / naive_steps * h * w * c
         how = f"{naive_steps} passes x {h * w * c}"
-    if device.startswith("cuda"):
+    if gpu:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"model": kind, "method": method, "batch": batch, "samples_per_s": batch / seconds, "peak_mb": peak_mb, "how": how}
+    return {"model": kind, "method": method, "batch": batch, "samples_per_s": batch / seconds, "peak_mb": peak_mb,
+            "how": how, **extra}
 
 
 def _child(queue, *args):
@@ -75,6 +97,8 @@ def _child(queue, *args):
 
 
 def run_isolated(*args) -> dict:
+    if args[3].startswith("cuda"):  # device memory peaks are per configuration already; spare the start-ups
+        return measure(*args)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, *args))
@@ -87,30 +111,40 @@ def run_isolated(*args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--models", default="mid,reference", help="comma-separated: mid, reference")
-    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--models", help="comma-separated: mid, reference (default: both on CPU, reference on a GPU)")
+    p.add_argument("--batches", help="default: 1,16,64,256 (CPU), 1,16,64,256,1024,4096 (GPU)")
     p.add_argument("--naive-steps", type=int, default=3, help="forward passes timed for the naive rate")
-    p.add_argument("--verify-naive", type=int, default=16, help="also run the naive sampler in full up to this batch (mid model)")
+    p.add_argument("--verify-naive", type=int, default=16,
+                   help="also run the naive sampler in full up to this batch (first model only)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    gpu = args.device.startswith("cuda")
+    models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
+    batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
+    fast_methods = ["cached", "eager", "bf16"] if gpu else ["cached"]
     rows = []
-    for kind in args.models.split(","):
+    for kind in models:
         for batch in batches:
-            cached = run_isolated(kind, "cached", batch, args.device, args.naive_steps, False)
+            fast = [run_isolated(kind, m, batch, args.device, args.naive_steps, False) for m in fast_methods]
             naive = run_isolated(kind, "naive", batch, args.device, args.naive_steps, False)
-            rows += [cached, naive]
-            line = (
-                f"{kind:9s} batch {batch:4d}: cached {cached['samples_per_s']:9.2f}/s ({cached['peak_mb']:6.0f} MB)  "
-                f"naive {naive['samples_per_s']:9.4f}/s ({naive['peak_mb']:6.0f} MB, {naive['how']})  "
-                f"ratio {cached['samples_per_s'] / naive['samples_per_s']:7.1f}x"
-            )
-            if kind == "mid" and batch <= args.verify_naive:
+            rows += [*fast, naive]
+            line = f"{kind:9s} batch {batch:4d}: " + "  ".join(
+                f"{r['method']} {r['samples_per_s']:9.2f}/s ({r['peak_mb']:6.0f} MB)" for r in fast)
+            line += (f"  naive {naive['samples_per_s']:9.4f}/s ({naive['peak_mb']:6.0f} MB, {naive['how']})  "
+                     f"ratio {fast[0]['samples_per_s'] / naive['samples_per_s']:7.1f}x")
+            if gpu:
+                line += f"  bf16 log-prob error {fast[2]['bf16_log_prob_error_bits_per_dim']:.2e} bits/dim"
+            if kind == models[0] and batch <= args.verify_naive:
                 full = run_isolated(kind, "naive", batch, args.device, args.naive_steps, True)
                 rows.append(full)
                 line += f"  [naive full run {full['samples_per_s']:.4f}/s]"
             print(line, flush=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {args.device}")
+    where = f"device {args.device}"
+    if gpu:
+        import torch
+
+        where += f" ({torch.cuda.get_device_name()}, torch {torch.__version__})"
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {where}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
