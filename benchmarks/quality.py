@@ -97,8 +97,8 @@ def main() -> None:
             steps = args.epochs * (MNIST_TRAIN_IMAGES // args.batch_size)
         else:
             steps = max(1, int(args.budget / seconds_per_step(TrainConfig(**common, **model_args), args.device)))
-        # The budget buys whole epochs of the full training set when it covers one; else one pass over
-        # the first steps x batch images. Either way the cosine schedule ends with the budget.
+        # The budget buys as many whole epochs of the full training set as fit when it covers one;
+        # else one pass over the first steps x batch images. The cosine schedule ends with the run.
         steps_per_epoch = MNIST_TRAIN_IMAGES // args.batch_size
         if steps >= steps_per_epoch:
             run_args = dict(epochs=steps // steps_per_epoch)
@@ -112,7 +112,8 @@ def main() -> None:
             wall = time.perf_counter() - start
             if args.grid:
                 model = load_model(run_dir, device=args.device)  # the EMA weights
-                with open(args.grid.replace(".png", f"-{cfg.model}.png"), "wb") as f:
+                stem, ext = os.path.splitext(args.grid)
+                with open(f"{stem}-{cfg.model}{ext or '.png'}", "wb") as f:
                     f.write(grid_png(sample(model, 64, seed=0, batch_size=64).images))
         params = sum(t.numel() for t in MODELS[cfg.model][0](cfg.model_config()).parameters())
         rows.append((name, params, steps, wall, metrics["test_bits_per_dim"], metrics["test_bits_per_dim_raw"]))

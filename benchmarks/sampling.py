@@ -59,6 +59,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
         sync()
         seconds = time.perf_counter() - start
         how = "full run"
+        peak_mb = _peak_mb(gpu)  # before the scoring below, which runs the float32 model
         if method == "bf16":  # the float32 model's likelihood of the bf16 sampler's images
             torch.manual_seed(0)  # the same weights as above, in float32 (Module.to cast them in place)
             model = PixelCNN(**MODELS[kind]).to(device).eval()
@@ -84,12 +85,18 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             sync()
         seconds = (time.perf_counter() - start) / naive_steps * h * w * c
         how = f"{naive_steps} passes x {h * w * c}"
-    if gpu:
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if method not in ("cached", "eager", "bf16"):
+        peak_mb = _peak_mb(gpu)
     return {"model": kind, "method": method, "batch": batch, "samples_per_s": batch / seconds, "peak_mb": peak_mb,
             "how": how, **extra}
+
+
+def _peak_mb(gpu: bool) -> float:
+    import torch
+
+    if gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(queue, *args):

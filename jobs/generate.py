@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
     p.add_argument("--sampler", choices=METHODS, default="cached", help="cached (fast) or naive; both draw the same images")
     p.add_argument("--batch-size", type=int,
-                   help="images sampled together on one actor (default: 4096 on GPU actors, 256 on CPU actors)")
+                   help="images sampled together on one actor (default: 4096 for the cached sampler on GPU actors, else 256)")
     p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
     p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size)")
     p.add_argument("--min-actors", type=int, help="autoscaling pool: at least this many actors")
@@ -72,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size is None:
         # On a GPU the cached sampler is bound by kernel launches, not arithmetic, so samples/s grows
         # almost linearly with the batch up to thousands (benchmarks/sampling.py: 467/s at 256, 3,242/s
-        # at 4096 on an H100, 2.4 GB of device memory for the reference model).
-        args.batch_size = 4096 if args.gpus_per_actor > 0 else 256
+        # at 4096 on an H100, 2.4 GB of device memory for the reference model). The naive sampler is
+        # compute-bound from ~256 and would only take more memory.
+        args.batch_size = 4096 if args.gpus_per_actor > 0 and args.sampler == "cached" else 256
     for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -115,7 +115,8 @@ def sample(
     ``labels`` (conditional models): one class for all samples, or one per sample.
     ``device`` defaults to the model's; computation runs in the model's dtype.
     ``cuda_graph`` (cached method on CUDA): replay the sampling loop as one CUDA graph once a batch
-    shape repeats (see the module docstring); the images are the same either way.
+    shape repeats (see the module docstring); the images are the same either way. A model's graphs
+    have fixed input and output buffers: do not sample one model from several threads at once.
     """
     if (num_samples is None) == (ids is None):
         raise ValueError("pass exactly one of num_samples and ids")
@@ -203,19 +204,14 @@ class _GraphedRun:
 
     Static inputs ``u`` and ``labels`` are copied in before each replay; the stepper's caches are
     zeroed inside the graph (``_Stepper.run`` starts with ``reset``), so every replay starts clean.
+    The graph reads the model's weights as they were at capture: some as copies (the masked, gathered
+    conv weights), some in place (biases, norms, label embeddings), hence ``_GraphCache``.
     """
 
     def __init__(self, model, u, labels, temperature, dtype):
         self.stepper = _stepper(model, u.shape[0], dtype, u.device)
         self.u = u.clone()
         self.labels = None if labels is None else labels.clone()
-        # Warm up on a side stream first (PyTorch's recipe for capture): cuBLAS handles and
-        # workspaces are created outside the graph. This run's result is the current batch's.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.first = self.stepper.run(self.u, self.labels, temperature)
-        torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self.stepper.run(self.u, self.labels, temperature)
@@ -228,35 +224,65 @@ class _GraphedRun:
         return self.out[0].clone(), self.out[1].clone()
 
 
-# model -> (its weights, {(shape, temperature, dtype, device, unconditional): _GraphedRun or None}).
-# A shape is captured the second time it is seen, so a one-off batch never pays for a capture. A
-# graph holds copies of the weights, so the model's graphs are dropped when any parameter or buffer
-# changes: in place (an optimizer step, load_state_dict: its version counter moves) or by
-# replacement (.to(), .cuda(): its storage moves; the entry keeps the old storages alive, so a new
-# one can never reuse an old address).
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, tuple[list, dict]]" = weakref.WeakKeyDictionary()
+class _GraphCache:
+    """One model's captured graphs, valid while its weights are the ones they were captured with.
+
+    ``runs`` maps (shape, temperature, dtype, device, unconditional) to a ``_GraphedRun``, to None (seen
+    once: a shape is captured the second time it is seen, so a one-off batch never pays for a capture)
+    or to "eager" (its capture failed). Valid means every parameter and buffer has the same storage
+    and the same values as at capture: values are compared, not version counters, because some
+    in-place writes (``.data``, fused optimizers) leave the counter alone. ``held`` keeps the
+    captured storages alive, so a new tensor can never reuse an address the graphs read.
+    """
+
+    MAX_SHAPES = 4
+
+    def __init__(self, weights: list):
+        self.held = weights
+        self.values = [t.clone() for t in weights]
+        self.runs: dict = {}
+
+    def valid_for(self, weights: list) -> bool:
+        return len(weights) == len(self.held) and all(
+            h.device == t.device and h.dtype == t.dtype and h.shape == t.shape and h.data_ptr() == t.data_ptr()
+            and torch.equal(v, t)
+            for h, v, t in zip(self.held, self.values, weights)
+        )
 
 
-def _weights_unchanged(held: list, current: list) -> bool:
-    return len(held) == len(current) and all(
-        h.data_ptr() == t.data_ptr() and h._version == t._version for h, t in zip(held, current)
-    )
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, _GraphCache]" = weakref.WeakKeyDictionary()
 
 
 def _sample_cached_graphed(model, u, labels, temperature, dtype):
-    current = [t.detach() for t in (*model.parameters(), *model.buffers())]  # detach shares the version
-    held, runs = _GRAPHS.get(model, ([], {}))
-    if not _weights_unchanged(held, current):
-        runs = {}
-        _GRAPHS[model] = (current, runs)
+    weights = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    cache = _GRAPHS.get(model)
+    if cache is None or not cache.valid_for(weights):
+        cache = _GRAPHS[model] = _GraphCache(weights)
     key = (u.shape, temperature, dtype, u.device, labels is None)
-    if key not in runs:
-        runs[key] = None
+    if key not in cache.runs:  # first sight: run eagerly, capture next time
+        if len(cache.runs) >= cache.MAX_SHAPES:
+            cache.runs.pop(next(iter(cache.runs)))  # the oldest shape, and its graph's memory
+        cache.runs[key] = None
         return _sample_cached(model, u, labels, temperature, dtype)
-    if runs[key] is None:
-        runs[key] = _GraphedRun(model, u, labels, temperature, dtype)
-        return runs[key].first
-    return runs[key](u, labels)
+    run = cache.runs[key]
+    if isinstance(run, _GraphedRun):
+        with torch.cuda.device(u.device):
+            return run(u, labels)
+    if run == "eager":
+        return _sample_cached(model, u, labels, temperature, dtype)
+    with torch.cuda.device(u.device):  # second sight: capture
+        # Warm up on a side stream first (PyTorch's recipe for capture): cuBLAS handles and
+        # workspaces are made outside the graph. This run's result is the current batch's.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = _sample_cached(model, u, labels, temperature, dtype)
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            cache.runs[key] = _GraphedRun(model, u, labels, temperature, dtype)
+        except RuntimeError:  # e.g. no memory left for the graph's pool: stay eager for this shape
+            cache.runs[key] = "eager"
+    return result
 
 
 # --- cached samplers: shared pieces, and PixelCNN's ----------------------------------------------

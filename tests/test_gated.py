@@ -1,6 +1,8 @@
 """Gated PixelCNN: causal with no blind spot (float64 gradients), cached sampling equal to the naive
 sampler, exact log-probs, checkpoints, and class conditioning that a brief training run makes useful."""
 
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from pixelcnn import GatedPixelCNN, PixelCNN, load_checkpoint, load_dataset, loa
 from pixelcnn.checkpoint import checkpoint_dict
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import loss_per_dim, nll_per_image
-from pixelcnn.sampling import _stepper, sample_uniforms
+from pixelcnn.sampling import _GRAPHS, _GraphCache, _GraphedRun, _stepper, sample_uniforms
 from test_causality import input_jacobian_support, raster_order
 
 
@@ -218,21 +220,53 @@ def test_a_stepper_reused_for_later_batches_starts_clean(case):
         assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
 
 
+def test_graph_cache_is_dropped_when_any_weight_changes():
+    """Captured CUDA graphs read the weights as they were at capture. Whatever changes a parameter or
+    buffer (an optimizer step, a write through ``.data`` that leaves the version counter alone, a cast)
+    must invalidate them; nothing else may."""
+    model = sampler_model("gated", 1, (5, 4), {"num_classes": 2}, 0)
+    weights = lambda: [t.detach() for t in (*model.parameters(), *model.buffers())]  # noqa: E731
+    cache = _GraphCache(weights())
+    assert cache.valid_for(weights())
+    sample(model, 2, labels=1)  # sampling itself changes nothing
+    assert cache.valid_for(weights())
+    param = next(model.parameters())
+    version = param._version
+    param.data.mul_(1.5)
+    assert param._version == version and not cache.valid_for(weights())
+    cache = _GraphCache(weights())
+    with torch.no_grad():
+        model.layers[0].label_bias.weight[1, 0] += 1
+    assert not cache.valid_for(weights())
+    cache = _GraphCache(weights())
+    model.float()
+    assert not cache.valid_for(weights())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("case", [SAMPLER_CASES[2], SAMPLER_CASES[5], SAMPLER_CASES[7]])
 def test_cuda_graph_replays_draw_the_cpu_images(case):
     """On a GPU, ``sample`` runs batch 1 eagerly, captures at batch 2 and replays from batch 3; a
-    partial last batch and a weight update fall back to eager runs. All must match the CPU sampler."""
+    partial last batch runs eagerly, and a weight changed in place drops the graphs. Every image must
+    match the CPU sampler (float64), and in float32 the graphs must match the eager GPU loop."""
     kind, channels, size, extra, seed, temperature, _ = case
-    model = sampler_model(kind, channels, size, extra, seed)
+    cpu_model = sampler_model(kind, channels, size, extra, seed)
+    model = copy.deepcopy(cpu_model).cuda()
     classes = extra.get("num_classes", 0)
     labels = torch.arange(14) % classes if classes else None
     for update in range(2):
-        if update:
-            with torch.no_grad():
-                next(model.parameters()).mul_(1.5)  # must drop the captured graphs (they copy the weights)
-        cpu = sample(model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
-        gpu = sample(model.cuda(), 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
-        model.cpu()
+        if update:  # in place on the GPU, through .data: the version counter does not move
+            next(model.parameters()).data.mul_(1.5)
+            next(cpu_model.parameters()).data.mul_(1.5)
+        cpu = sample(cpu_model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
+        gpu = sample(model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
+        assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
         assert torch.equal(gpu.images, cpu.images)
         assert torch.allclose(gpu.log_prob, cpu.log_prob, atol=1e-9, rtol=0)
+    model32 = copy.deepcopy(cpu_model).float().cuda()
+    eager = sample(model32, 12, seed=seed, temperature=temperature, labels=labels[:12] if classes else None,
+                   batch_size=4, cuda_graph=False)
+    graphed = sample(model32, 12, seed=seed, temperature=temperature, labels=labels[:12] if classes else None,
+                     batch_size=4)
+    assert torch.equal(graphed.images, eager.images)
+    assert torch.allclose(graphed.log_prob, eager.log_prob, atol=1e-6, rtol=0)
