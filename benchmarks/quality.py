@@ -92,14 +92,14 @@ def main() -> None:
             print(f"[{time.perf_counter() - t0:4.0f} s]", *a, **{**k, "flush": True})
 
     rows = []
+    steps_per_epoch = MNIST_TRAIN_IMAGES // args.batch_size
     for name, model_args in candidates.items():
         if args.epochs:
-            steps = args.epochs * (MNIST_TRAIN_IMAGES // args.batch_size)
+            steps = args.epochs * steps_per_epoch
         else:
             steps = max(1, int(args.budget / seconds_per_step(TrainConfig(**common, **model_args), args.device)))
         # The budget buys as many whole epochs of the full training set as fit when it covers one;
         # else one pass over the first steps x batch images. The cosine schedule ends with the run.
-        steps_per_epoch = MNIST_TRAIN_IMAGES // args.batch_size
         if steps >= steps_per_epoch:
             run_args = dict(epochs=steps // steps_per_epoch)
             steps = run_args["epochs"] * steps_per_epoch

@@ -264,9 +264,8 @@ def test_cuda_graph_replays_draw_the_cpu_images(case):
         assert torch.equal(gpu.images, cpu.images)
         assert torch.allclose(gpu.log_prob, cpu.log_prob, atol=1e-9, rtol=0)
     model32 = copy.deepcopy(cpu_model).float().cuda()
-    eager = sample(model32, 12, seed=seed, temperature=temperature, labels=labels[:12] if classes else None,
-                   batch_size=4, cuda_graph=False)
-    graphed = sample(model32, 12, seed=seed, temperature=temperature, labels=labels[:12] if classes else None,
-                     batch_size=4)
+    labels = labels[:12] if classes else None
+    eager = sample(model32, 12, seed=seed, temperature=temperature, labels=labels, batch_size=4, cuda_graph=False)
+    graphed = sample(model32, 12, seed=seed, temperature=temperature, labels=labels, batch_size=4)
     assert torch.equal(graphed.images, eager.images)
     assert torch.allclose(graphed.log_prob, eager.log_prob, atol=1e-6, rtol=0)
