@@ -11,15 +11,17 @@ the reference every faster sampler is tested against.
 Cached (``method="cached"``, the default): every layer of PixelCNN reads, at (i, j), only raster
 positions <= (i, j) of the layer below (the 7x7 mask-A and 3x3 mask-B kernels reach one and three
 rows up, never down or right in the same row). A value computed at (i, j) therefore never changes
-once pixel (i, j) is drawn, so each step computes every layer at the new position only, as a
-matrix product over the gathered causal neighbourhood, and caches the result. Per masked conv with
-kernel k it caches the conv's *input* for the last k//2 + 1 rows (full width, zero-padded): that is
-all the rows the kernel can reach. Memory is O(layers x batch x channels x 2 rows x width) instead
-of a full image per layer, and compute per pixel is one column of the network instead of all of it.
+once pixel (i, j) is drawn, so each step computes every layer at the new position only and caches
+the result. Per masked conv with kernel k it caches the conv's *input* for the last k//2 + 1 rows
+(full width, zero-padded): that is all the rows the kernel can reach. The part of the conv that reads
+the rows above is computed for a whole row when it starts (one large matrix product per layer); each
+pixel step adds only the current row's taps (one small one). Memory is O(layers x batch x channels x
+2 rows x width) instead of a full image per layer, and compute per pixel is one column of the network
+instead of all of it.
 GatedPixelCNN's vertical stack sees only rows above, so it is computed a whole row at a time when the
 row starts; its horizontal stack a pixel at a time, as above (``_GatedStepper``).
 
-CUDA graphs. On a GPU the cached step is ~150 tiny kernels per pixel (reference model), so its speed
+CUDA graphs. On a GPU the cached step is over a hundred tiny kernels per pixel (reference model), so its speed
 is set by launch overhead, not arithmetic. The whole loop over an image has fixed shapes and fixed
 indices, so ``sample`` captures it once as one CUDA graph and replays it per batch (``_GraphedRun``):
 one launch per batch instead of ~10^5. The graph runs exactly the kernels of the eager loop on the same
@@ -86,7 +88,7 @@ def labels_for_ids(seed: int, ids: Sequence[int] | np.ndarray, probs: Sequence[f
 def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF draw of one level per row of ``logits [B, L]``; returns (levels, log p at T=1)."""
     logits = logits.double()
-    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(-1)
+    cdf = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1).cumsum(-1)
     level = (cdf < u[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, level[:, None])[:, 0]
     return level, log_prob
@@ -188,6 +190,7 @@ def _sample_naive(model, u, labels, temperature, dtype):
     return levels, log_prob
 
 
+@torch.no_grad()
 def _stepper(model, batch: int, dtype, device) -> "_Stepper":
     stepper = CACHED_STEPPERS.get(type(model))
     if stepper is None:
@@ -312,26 +315,41 @@ class _CachedConv:
     ``weight [Cout, Cin, rows, kw]`` (masked, dilation ``d``) holds the kernel rows that reach the
     rows above and the current one (the last). ``buffer [B, d (rows - 1) + 1, pad_left + W + pad_right,
     Cin]``: the conv's input for those rows (last slot: the current row), zero-padded left and right
-    like the full conv, so the window of output column j starts at buffer column j. Only the taps the
-    conv can read (rows above, and in the current row columns <= j) are gathered, so each step is one
-    small matmul.
+    like the full conv, so the window of output column j starts at buffer column j.
+
+    The output is computed in two parts. The rows above are final once a row starts, so ``start_row``
+    computes their part for every column of the row in one matrix product, bias included
+    (``row_term [B, W, Cout]``; an owner may add its own per-row terms). Each step then needs only the
+    current row's taps at columns <= j: one small matmul, reading the buffer in place (a view) when
+    d == 1. A step's input is written straight into its buffer slot (``slots[j]``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, batch: int, width: int, dtype, device, *,
                  pad_left: int, dilation: int = 1):
-        _, cin, rows, kw = weight.shape
-        d = dilation
-        self.pad_left = pad_left
+        cout, cin, rows, kw = weight.shape
+        d = self.dilation = dilation
+        weight = weight.to(dtype)
         cols = width + (kw - 1) * d  # pad_left + width + pad_right, the kernel spanning (kw - 1) d + 1 columns
-        taps = [(y, x) for y in range(rows) for x in range(kw) if y < rows - 1 or x * d <= pad_left]
-        ky = torch.tensor([t[0] for t in taps])
-        kx = torch.tensor([t[1] for t in taps])
-        # [Cout, Cin, P] -> [P * Cin, Cout], matching the gathered [B, P, Cin] flattened.
-        self.weight = weight.to(dtype)[:, :, ky, kx].permute(2, 1, 0).reshape(len(taps) * cin, -1).contiguous()
-        self.bias = bias.to(dtype)
-        # Flat buffer index of each tap for output column j: row slot ky * d, column j + kx * d.
-        self.index = [(ky * d * cols + kx * d + j).to(device) for j in range(width)]
         self.buffer = torch.zeros(batch, (rows - 1) * d + 1, cols, cin, dtype=dtype, device=device)
+        self.bias = bias.to(dtype)
+        self.row_term = torch.zeros(batch, width, cout, dtype=dtype, device=device)
+        # Current row: kernel columns x = 0 .. pad_left / d read buffer columns j + x d (x d <= pad_left:
+        # the input at or left of j). As a matrix [taps * Cin, Cout], matching the taps [B, taps, Cin] flattened.
+        taps = pad_left // d + 1
+        self.weight_now = weight[:, :, -1, :taps].permute(2, 1, 0).reshape(taps * cin, cout).contiguous()
+        # Rows above: kernel row y reads buffer row y d, columns j + x d, every x: [(rows - 1) kw Cin, Cout],
+        # matching the windows [y, x, Cin] that ``start_row`` unfolds.
+        self.weight_above = weight[:, :, :-1].permute(2, 3, 1, 0).reshape(-1, cout).contiguous() if rows > 1 else None
+        self.kw = kw
+        # Per column, fixed views into the buffer and row_term (shared storage, updated in place).
+        current = self.buffer[:, -1]
+        self.slots = [current[:, j + pad_left] for j in range(width)]
+        self.row_terms = [self.row_term[:, j] for j in range(width)]
+        if d == 1:
+            self.taps = [current[:, j:j + taps].reshape(batch, -1) for j in range(width)]
+        else:  # strided taps are gathered per step
+            index = torch.arange(taps) * d
+            self.index = [(index + j).to(device) for j in range(width)]
 
     @classmethod
     def masked(cls, conv: MaskedConv2d, batch: int, width: int, dtype, device) -> "_CachedConv":
@@ -342,18 +360,34 @@ class _CachedConv:
     def reset(self) -> None:
         self.buffer.zero_()
 
-    def next_row(self) -> None:
-        if self.buffer.shape[1] > 1:
+    def start_row(self, i: int, extra: torch.Tensor | None = None) -> None:
+        """Start row ``i`` (rows < i of the input written): roll the buffer, compute ``row_term``
+        (bias + the rows above's part, + ``extra``, broadcast to ``[B, W, Cout]``)."""
+        b, width, cout = self.row_term.shape
+        if i and self.buffer.shape[1] > 1:
             self.buffer[:, :-1] = self.buffer[:, 1:].clone()
-        self.buffer[:, -1].zero_()
+        if i:
+            self.buffer[:, -1].zero_()
+        if self.weight_above is None:
+            self.row_term.copy_(self.bias.expand_as(self.row_term))
+        else:
+            d = self.dilation
+            # [B, rows - 1, cols, Cin] -> windows [B, rows - 1, W, Cin, kw] -> [B W, (rows - 1) kw Cin]
+            windows = self.buffer[:, :-1:d].unfold(2, (self.kw - 1) * d + 1, 1)[..., ::d]
+            windows = windows.permute(0, 2, 1, 4, 3).reshape(b * width, -1)
+            torch.addmm(self.bias, windows, self.weight_above, out=self.row_term.view(b * width, cout))
+        if extra is not None:
+            self.row_term += extra
 
-    def write(self, j: int, x: torch.Tensor) -> None:
-        self.buffer[:, -1, j + self.pad_left] = x
+    def write(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        return self.slots[j].copy_(x)
 
     def __call__(self, j: int) -> torch.Tensor:
-        flat = self.buffer.view(self.buffer.shape[0], -1, self.buffer.shape[-1])
-        taps = flat.index_select(1, self.index[j]).flatten(1)
-        return torch.addmm(self.bias, taps, self.weight)
+        if self.dilation == 1:
+            taps = self.taps[j]
+        else:
+            taps = self.buffer[:, -1].index_select(1, self.index[j]).flatten(1)
+        return torch.addmm(self.row_terms[j], taps, self.weight_now)
 
 
 class _Stepper:
@@ -378,26 +412,27 @@ class _Stepper:
     def logits_at(self, j: int) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
     def run(self, u: torch.Tensor, labels: torch.Tensor | None, temperature: float):
         self.reset(labels)
         b, height, width, channels = u.shape
         levels = torch.zeros(b, channels, height, width, dtype=torch.long, device=u.device)
         log_prob = torch.zeros(b, dtype=torch.float64, device=u.device)
+        # The model's input value of each level, computed as the model computes it (so bit-identical).
+        input_values = scale_input(levels_to_input(torch.arange(self.cfg.levels, device=u.device),
+                                                   self.cfg.levels, self.dtype))
         for i in range(height):
             self.start_row(i, levels)
             for j in range(width):
+                pixel = self.input_cache.slots[j]
                 for c in range(channels):
-                    # Channels < c of this pixel are drawn; later ones are masked out of every logit
-                    # we read, and features at (i, j) never depend on the last channel.
-                    self.input_cache.write(j, self._scaled(levels[:, :, i, j]))
+                    # Channels < c of this pixel are in the input buffer; the rest are still zero, and
+                    # masked out of every logit we read (features at (i, j) never see the last channel).
                     level, lp = draw(self.logits_at(j)[:, :, c], u[:, i, j, c], temperature)
                     levels[:, c, i, j] = level
                     log_prob += lp
-                self.input_cache.write(j, self._scaled(levels[:, :, i, j]))  # the finished pixel
+                    pixel[:, c] = input_values.index_select(0, level)
         return levels, log_prob
-
-    def _scaled(self, pixel_levels: torch.Tensor) -> torch.Tensor:
-        return scale_input(levels_to_input(pixel_levels, self.cfg.levels, self.dtype))
 
 
 class _PixelCNNStepper(_Stepper):
@@ -422,21 +457,20 @@ class _PixelCNNStepper(_Stepper):
     def reset(self, labels: torch.Tensor | None) -> None:
         for cache in self.caches:
             cache.reset()
-        self.label_biases = [None if e is None else e(labels).to(self.dtype) for e in self.label_embeddings]
+        # A block's class bias is added right after its 3x3 conv: fold it into that conv's row term.
+        self.label_biases = [None if e is None else e(labels).to(self.dtype)[:, None] for e in self.label_embeddings]
 
     def start_row(self, i: int, levels: torch.Tensor) -> None:
-        if i:
-            for cache in self.caches:
-                cache.next_row()
+        self.input_conv.start_row(i)
+        for (_, _, conv, *_), bias in zip(self.blocks, self.label_biases):
+            conv.start_row(i, bias)
 
     def logits_at(self, j: int) -> torch.Tensor:
         h = _pointwise_norm(self.input_norm, self.input_conv(j))
-        for (reduce, norm1, conv, norm2, expand, norm3), bias in zip(self.blocks, self.label_biases):
-            conv.write(j, F.relu(_pointwise_norm(norm1, reduce(F.relu(h)))))
-            t = conv(j)
-            if bias is not None:
-                t = t + bias
-            t = _pointwise_norm(norm2, t)
+        for reduce, norm1, conv, norm2, expand, norm3 in self.blocks:
+            # ReLU, written straight into the 3x3 conv's input buffer at (current row, j).
+            torch.clamp_min(_pointwise_norm(norm1, reduce(F.relu(h))), 0, out=conv.slots[j])
+            t = _pointwise_norm(norm2, conv(j))
             h = h + _pointwise_norm(norm3, expand(F.relu(t)))
         for conv in self.head:
             h = conv(F.relu(h))
@@ -487,7 +521,8 @@ class _GatedStepper(_Stepper):
       above; each later vertical conv reads rows <= i of features that see only rows < i). So they are
       final once row i starts: ``start_row`` computes every layer's vertical features for the whole
       row i in one batched conv each (``_RowConv``: the last d (k//2) + 1 rows of that layer's input),
-      and keeps per layer the row's link term ``link(v_pre) [B, W, 2h]`` for the horizontal stack.
+      and adds the row's link term ``link(v_pre) [B, W, 2h]`` (and the class bias) to the horizontal
+      conv's row term, so the horizontal stack reads it for free.
     * Horizontal stack. Its features at (i, j) read row i of the layer below at columns <= j only, so
       a value at (i, j) never changes once written. Per pixel, one column of every layer is computed
       from a one-row buffer of that layer's input (``_CachedConv``, only the taps left of and at j).
@@ -508,10 +543,12 @@ class _GatedStepper(_Stepper):
             self.layers.append(SimpleNamespace(
                 v_conv=_RowConv(layer.v_conv, batch, width, dtype, device),
                 h_conv=self._cached(layer.h_conv, batch, width, dtype, device),
-                link_module=layer.link, link=None, label_embedding=layer.label_bias, v_bias=None, h_bias=None,
+                link=layer.link, label_embedding=layer.label_bias, v_bias=None, h_bias=None,
                 residual=None if layer.residual is None else _Pointwise(layer.residual, dtype),
                 skip=_Pointwise(layer.skip, dtype),
             ))
+        # The skip sum starts from all the skip convs' biases at once; each layer then adds g @ W.
+        self.skip_bias = sum(layer.skip.bias for layer in self.layers)
         self.head = _Pointwise(model.head, dtype)
         self.output = _Pointwise(model.output_conv, dtype)
 
@@ -527,34 +564,31 @@ class _GatedStepper(_Stepper):
             layer.v_conv.reset()
             layer.h_conv.reset()
             if layer.label_embedding is not None:
-                layer.v_bias, layer.h_bias = layer.label_embedding(labels).to(self.dtype).chunk(2, dim=1)
+                v_bias, h_bias = layer.label_embedding(labels).to(self.dtype).chunk(2, dim=1)
+                layer.v_bias, layer.h_bias = v_bias[:, :, None, None], h_bias[:, None]
 
     def start_row(self, i: int, levels: torch.Tensor) -> None:
         if i:
             self.input_v.push(scale_input(levels_to_input(levels[:, :, i - 1], self.cfg.levels, self.dtype)))
         v = self.input_v()
         for layer in self.layers:
-            layer.h_conv.next_row()
             layer.v_conv.push(v)
             v_pre = layer.v_conv()[:, :, None]  # [B, 2h, 1, W]
-            layer.link = layer.link_module(v_pre)[:, :, 0].transpose(1, 2).contiguous()  # [B, W, 2h]
+            link = layer.link(v_pre)[:, :, 0].transpose(1, 2)  # [B, W, 2h]
+            layer.h_conv.start_row(i, link if layer.h_bias is None else link + layer.h_bias)
             if layer.v_bias is not None:
-                v_pre = v_pre + layer.v_bias[:, :, None, None]
+                v_pre = v_pre + layer.v_bias
             v = gate(v_pre)[:, :, 0]
-        self.input_cache.next_row()
+        self.input_cache.start_row(i)
 
     def logits_at(self, j: int) -> torch.Tensor:
-        h = self.input_cache(j)
-        skip = 0
-        for layer in self.layers:
-            layer.h_conv.write(j, h)
-            pre = layer.h_conv(j) + layer.link[:, j]
-            if layer.h_bias is not None:
-                pre = pre + layer.h_bias
-            g = gate(pre)
-            if layer.residual is not None:
-                h = h + layer.residual(g)
-            skip = skip + layer.skip(g)
+        h = self.layers[0].h_conv.write(j, self.input_cache(j))
+        skip = None
+        for layer, next_layer in zip(self.layers, self.layers[1:] + [None]):
+            g = gate(layer.h_conv(j))
+            if layer.residual is not None:  # h + residual(g), written straight into the next layer's buffer
+                h = torch.add(h, layer.residual(g), out=next_layer.h_conv.slots[j])
+            skip = torch.addmm(self.skip_bias, g, layer.skip.weight) if skip is None else skip.addmm_(g, layer.skip.weight)
         logits = self.output(F.relu(self.head(F.relu(skip))))
         return logits.view(logits.shape[0], self.cfg.levels, self.cfg.in_channels)
 
