@@ -8,6 +8,7 @@ comes from ``--s3-endpoint`` or ``AWS_ENDPOINT_URL``; the region from ``AWS_REGI
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import uuid
@@ -20,6 +21,13 @@ import pyarrow.fs as pafs
 
 class JobError(Exception):
     """A problem with the user's request: printed as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none (its help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def fail(message: str) -> None:

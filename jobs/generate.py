@@ -16,7 +16,9 @@ Exactly once: every file is written whole under a temporary name and renamed (an
 already), so a visible part file is always complete. A rerun reads the ids already present and
 generates only the missing ones; a retried shard rewrites the same file name with the same rows.
 ``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels), and a
-rerun against an output of another checkpoint or seed is refused.
+rerun against an output of another checkpoint or seed is refused. Files other than the part files start
+with ``_`` (``_manifest.json``, ``_preview.png``), which Parquet readers skip, so the whole folder reads
+as one dataset.
 """
 
 from __future__ import annotations
@@ -36,19 +38,20 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import HelpFormatter, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
 
 MANIFEST = "_manifest.json"
+PREVIEW = "_preview.png"
 PART_PREFIX = "part-"
 # What determines the images: an output folder holds rows of exactly one such setting.
 IDENTITY = ("model_sha256", "seed", "temperature", "label_probs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model: a run folder or checkpoint (folder or .pt), local or s3://")
     p.add_argument("--num-samples", type=int, required=True, help="generate ids 0..N-1")
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
@@ -65,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, leaving room for writes)")
     p.add_argument("--label", type=int, help="conditional models: the class of every sample")
     p.add_argument("--label-probs", help="conditional models: comma-separated class probabilities drawn per sample (default: uniform)")
-    p.add_argument("--preview", type=int, default=0, help="also write preview.png, a contact sheet of the first N samples")
+    p.add_argument("--preview", type=int, default=0, help="also write _preview.png, a contact sheet of the first N samples")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
@@ -166,11 +169,11 @@ def plan_shards(num_samples: int, done: np.ndarray, rows_per_file: int) -> list[
 
 
 def check_manifest(output: Storage, manifest: dict) -> None:
+    """Refuse an output that holds samples of another request (or of something else)."""
     stored = output.read(MANIFEST)
     if stored is None:
         if part_files(output):
             raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
-        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
         return
     stored = json.loads(stored)
     changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
@@ -244,7 +247,7 @@ def write_preview(output: Storage, count: int) -> None:
         columns=["id", "image_png"], filter=pads.field("id") < count,
     ).sort_by("id")
     images = torch.stack([torch.from_numpy(decode_png(png.as_py())) for png in table.column("image_png")])
-    output.write("preview.png", grid_png(images))
+    output.write(PREVIEW, grid_png(images))
 
 
 def main(argv=None) -> dict:
@@ -271,7 +274,7 @@ def main(argv=None) -> dict:
             run_pipeline(args, output, checkpoint, manifest, shards)
         seconds = time.perf_counter() - started
         total = len(existing_ids(output))
-        if args.preview:
+        if args.preview and (todo or output.read(PREVIEW) is None):  # a finished rerun writes nothing
             write_preview(output, min(args.preview, args.num_samples))
     except (JobError, CheckpointError) as error:
         fail(str(error))
@@ -306,6 +309,9 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     need_gpus = args.gpus_per_actor * (args.min_actors or args.num_actors)
     if need_gpus > have.get("GPU", 0):
         raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
+    # Written once the request is known to run, so a refused one leaves the output untouched.
+    if output.read(MANIFEST) is None:
+        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
     settings = {
         "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "batch_size": args.batch_size,
         "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import HelpFormatter, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -40,7 +40,7 @@ RUN_IDENTITY = (
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     d = TrainConfig()
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data")
@@ -89,6 +89,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     args = p.parse_args(argv)
     if args.num_workers < 1 or args.max_failures < 0 or args.keep_checkpoints < 1:
         p.error("--num-workers and --keep-checkpoints must be >= 1, --max-failures >= 0")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        p.error(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     try:
         cfg = TrainConfig(
             dataset=args.dataset, data_dir=args.data_dir, download=args.download, subset=args.subset,
@@ -182,9 +184,10 @@ def train_worker(config: dict) -> None:
 
 
 def check_run_config(run: Storage, cfg: TrainConfig) -> dict | None:
-    """A rerun of --name must not contradict what the stored run was trained with."""
+    """A rerun of --name must not contradict what the stored run was trained with. A config.json
+    without metrics.jsonl is from a run that stopped before its first report: it binds nothing."""
     stored = run.read("config.json")
-    if stored is None:
+    if stored is None or run.read("metrics.jsonl") is None:
         return None
     try:
         stored = json.loads(stored)
@@ -229,9 +232,10 @@ def main(argv=None) -> dict:
     try:
         storage = open_storage(args.storage, args.s3_endpoint)
         run = storage.child(args.name)
-        # Fail fast, before any worker starts: data, storage, the run's stored config.
-        if not cfg.download:
-            load_dataset(cfg.dataset, cfg.data_dir, train=False, subset=1)
+        # Fail fast, before any worker starts: data, storage, the run's stored config. With --download
+        # the driver fetches the data here, once: a failed download is one error line, not a worker
+        # failure retried --max-failures times (workers on other nodes still fetch their own copy).
+        load_dataset(cfg.dataset, cfg.data_dir, train=False, subset=1, download=cfg.download)
         check_writable(storage)
         stored = check_run_config(run, cfg)
         previous = last_metrics(run)

@@ -78,6 +78,17 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> str:
     return path
 
 
+def _load_error(error: Exception) -> str:
+    """torch.load's reason, in one line. Its weights-only refusal comes with advice to load the file
+    unsafely or to allowlist what it refused, which is not ours to pass on: keep only what it refused."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        detail = detail.split(". ", 1)[0].strip().rstrip(".")
+        return f"refused by the weights-only loader: {detail[:200] or 'unsupported content'}"
+    return text[:200] or type(error).__name__
+
+
 def load_checkpoint(source: str | os.PathLike | bytes, *, name: str | None = None, map_location="cpu") -> dict:
     """Load and validate a checkpoint dict from a file, a folder holding ``model.pt``, or its bytes.
 
@@ -92,8 +103,7 @@ def load_checkpoint(source: str | os.PathLike | bytes, *, name: str | None = Non
     try:
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, random bytes, a foreign pickle, ...
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {name} is corrupt or not a PixelCNN checkpoint ({reason})") from None
+        raise CheckpointError(f"checkpoint {name} is corrupt or not a PixelCNN checkpoint ({_load_error(error)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {name} is not a PixelCNN checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ckpt]

@@ -101,7 +101,8 @@ def _load_torchvision(name: str, root, *, train: bool, download: bool) -> ImageD
         with _download_lock(root, download):
             ds = cls(root=root, train=train, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. ..."
-        raise DataError(f"{name} not found under data root {root!r} ({str(error).splitlines()[0]})") from None
+        reason = " ".join(str(error).split())[:300]  # e.g. the download's URL and network error
+        raise DataError(f"{name} not found under data root {root!r} ({reason})") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)  # -> [N, C, H, W]
     labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)

@@ -49,7 +49,9 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     assert "corrupt" in one_line_error(path)
     path.write_bytes(b"not a checkpoint at all")
-    assert "corrupt" in one_line_error(path)
+    message = one_line_error(path)
+    assert "corrupt" in message and "refused by the weights-only loader" in message
+    assert "weights_only" not in message, "torch's advice to load unsafely must not be passed on"
 
 
 def test_foreign_pickle_is_refused_without_running_it(tmp_path):
@@ -61,7 +63,9 @@ def test_foreign_pickle_is_refused_without_running_it(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path, pickle_module=pickle)
-    assert "corrupt" in one_line_error(path)
+    message = one_line_error(path)
+    assert "corrupt" in message and "Unsupported global" in message
+    assert "weights_only" not in message and "safe_globals" not in message  # no advice to load it anyway
     assert not (tmp_path / "pwned").exists()
 
 

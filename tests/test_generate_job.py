@@ -76,13 +76,15 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
         assert row["seed"] == 7 and row["label"] is None and row["temperature"] == 1.0 and row["sampler"] == "cached"
         assert row["checkpoint"] == "s3://pixelcnn/models/plain/model.pt" and row["model_sha256"] == sha
         assert row["created_at"].tzinfo is not None
-    preview = s3.client.get_object(Bucket="pixelcnn", Key="samples/a/preview.png")["Body"].read()
+    preview = s3.client.get_object(Bucket="pixelcnn", Key="samples/a/_preview.png")["Body"].read()
     assert Image.open(__import__("io").BytesIO(preview)).size[0] > 3 * 10
+    # The whole folder reads as one dataset: Parquet readers skip the _manifest.json and _preview.png.
+    assert pads.dataset("pixelcnn/samples/a", filesystem=s3_fs(s3), format="parquet").count_rows() == 240
 
-    # Rerun after success: nothing new is written, not even rewritten.
+    # Rerun after success: nothing new is written, not even rewritten (the preview neither).
     before = etags(s3, "samples/a/")
     again = run_job("generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
-                    "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, env=ray_cluster.env)
+                    "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, "--preview", 9, env=ray_cluster.env)
     assert last_json_line(again.stdout)["samples"] == 0
     assert etags(s3, "samples/a/") == before
 
@@ -161,7 +163,7 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
     assert table.column("id").to_pylist() == list(range(20))
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "label", "unconditional", "other-seed"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "label", "unconditional", "gpus", "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -178,6 +180,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         ckpt, extra = checkpoints["cond"], ["--label", 10]
     elif case == "unconditional":
         extra = ["--label", 1]
+    elif case == "gpus":
+        extra = ["--gpus-per-actor", 1]
     elif case == "other-seed":
         run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
         extra = ["--seed", 2]
@@ -190,9 +194,13 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     expected = {
         "missing": "checkpoint not found", "corrupt": "corrupt", "bucket": "bucket 'no-such-bucket' does not exist",
         "label": "--label 10 is not a class", "unconditional": "unconditional", "other-seed": "seed 1",
+        "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
     }[case]
     assert expected in line, line
     if case == "bucket":
         return
-    parts = [p for p in out.iterdir() if p.name.startswith("part-")] if out.exists() else []
-    assert len(parts) == (1 if case == "other-seed" else 0), "a refused request must write nothing"
+    files = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if case == "other-seed":  # the first request's output, untouched
+        assert files == ["_manifest.json", "part-000000000000-000000000003.parquet"], files
+    else:
+        assert files == [], "a refused request must write nothing"

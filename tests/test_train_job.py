@@ -142,6 +142,20 @@ def test_fail_fast_missing_data_root(local_ray_env, tmp_path):
     assert not (tmp_path / "runs" / "mnist-pixelcnn-h8-b1").exists()
 
 
+def test_fail_fast_failed_download(local_ray_env, tmp_path):
+    """--download runs on the driver first: a download that fails is one error line, before any worker
+    (no retries under --max-failures) and before the run folder exists. Proxies on a closed loopback
+    port make every download fail at once, without touching the network."""
+    args = [a if a != MNIST_ROOT else tmp_path / "data" for a in SMALL]
+    dead = "http://127.0.0.1:9"
+    env = {k: v for k, v in local_ray_env.items() if k.lower() != "no_proxy"}
+    env.update({k: dead for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    proc = run_job("train.py", *args, "--download", "--storage", tmp_path / "runs", env=env, check=False, timeout=120)
+    line = one_error_line(proc)
+    assert "mnist not found under data root" in line and "Error downloading" in line, line
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs" / "mnist-pixelcnn-h8-b1").exists()
+
+
 def test_fail_fast_more_workers_than_cluster(ray_cluster, tmp_path):
     proc = run_job("train.py", *SMALL, "--num-workers", 8, "--storage", tmp_path, "--name", "big", "--address", ray_cluster.address, env=ray_cluster.env, check=False, timeout=120)
     assert "needs 8 CPU (cluster has 4)" in one_error_line(proc)
@@ -154,15 +168,17 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     stored = {"dataset": "mnist", "subset": 256, "model": "pixelcnn", "hidden": 16, "blocks": 1, "norm": "none",
               "conditional": False, "batch_size": 32, "seed": 0}
     (run_dir / "config.json").write_text(json.dumps(stored))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 8, "epoch": 1}) + "\n")  # it has trained
     proc = run_job("train.py", *SMALL, "--storage", tmp_path / "runs", "--name", "taken", env=local_ray_env, check=False)
     assert "--hidden 16 -> 8" in one_error_line(proc)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "metrics.jsonl"]
 
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--batch-size", 0, "--batch-size must be >= 1"),
     ("--subset", 0, "--subset must be >= 1"),
     ("--grid-samples", -1, "--grid-samples must be >= 0"),
+    ("--cpus-per-worker", 0, "--cpus-per-worker must be > 0"),
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them."""
