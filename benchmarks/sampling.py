@@ -15,6 +15,9 @@ sampling draw itself is negligible beside a forward pass), after three untimed p
 (``--verify-naive``) it is also run end to end to check that extrapolation. On CPU each configuration
 runs in a fresh subprocess, so "peak MB" is that process's peak resident memory, model and
 interpreter included; on a GPU it is the peak allocated device memory of the configuration.
+Per model it also counts the cached sampler's PyTorch ops per pixel step (views excluded, counted at
+the dispatcher on the CPU): on a GPU each is at least one kernel, and where the sampler is bound by
+kernel launches (small batches, CUDA graphs or not) that count sets its speed.
 """
 
 from __future__ import annotations
@@ -92,6 +95,27 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             "how": how, **extra}
 
 
+def ops_per_pixel_step(kind: str) -> float:
+    """The cached sampler's PyTorch ops per pixel step, views excluded (batch 1, on the CPU)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pixelcnn import PixelCNN, sample
+
+    class CountOps(TorchDispatchMode):  # sees every op the dispatcher runs, as a GPU would launch it
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    model = PixelCNN(**MODELS[kind]).eval()
+    with CountOps() as ops:
+        sample(model, 1)
+    c, (h, w) = model.config.in_channels, model.config.image_size
+    return ops.count / (h * w * c)
+
+
 def _peak_mb(gpu: bool) -> float:
     import torch
 
@@ -100,20 +124,25 @@ def _peak_mb(gpu: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(queue, *args):
-    queue.put(measure(*args))
+def _child(queue, fn, *args):
+    queue.put(fn(*args))
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh process: its peak memory is its own (a child inherits its parent's peak)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def run_isolated(*args) -> dict:
     if args[3].startswith("cuda"):  # device memory peaks are per configuration already; spare the start-ups
         return measure(*args)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, *args))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return in_child(measure, *args)
 
 
 def main() -> None:
@@ -132,6 +161,9 @@ def main() -> None:
     fast_methods = FAST_METHODS if gpu else ("cached",)
     rows = []
     for kind in models:
+        ops = in_child(ops_per_pixel_step, kind)
+        rows.append({"model": kind, "ops_per_pixel_step": ops})
+        print(f"{kind:9s} cached sampler: {ops:.0f} PyTorch ops per pixel step (views excluded)", flush=True)
         for batch in batches:
             fast = [run_isolated(kind, m, batch, args.device, args.naive_steps, False) for m in fast_methods]
             naive = run_isolated(kind, "naive", batch, args.device, args.naive_steps, False)
