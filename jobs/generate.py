@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, leaving room for writes)")
     p.add_argument("--label", type=int, help="conditional models: the class of every sample")
     p.add_argument("--label-probs", help="conditional models: comma-separated class probabilities drawn per sample (default: uniform)")
-    p.add_argument("--preview", type=int, default=0, help="also write _preview.png, a contact sheet of the first N samples")
+    p.add_argument("--preview", type=int, default=0, help="also write _preview.png, a contact sheet of the first N samples (a finished rerun keeps an existing one)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
@@ -309,9 +309,11 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     need_gpus = args.gpus_per_actor * (args.min_actors or args.num_actors)
     if need_gpus > have.get("GPU", 0):
         raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
-    # Written once the request is known to run, so a refused one leaves the output untouched.
+    # Written once the request is known to run, so a refused one leaves the output untouched; checked
+    # again after, in case another request wrote its own meanwhile (the last writer wins, the other stops).
     if output.read(MANIFEST) is None:
         output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+        check_manifest(output, manifest)
     settings = {
         "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "batch_size": args.batch_size,
         "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],

@@ -207,8 +207,9 @@ class _GraphedRun:
 
     Static inputs ``u`` and ``labels`` are copied in before each replay; the stepper's caches are
     zeroed inside the graph (``_Stepper.run`` starts with ``reset``), so every replay starts clean.
-    The graph reads the model's weights as they were at capture: some as copies (the masked, gathered
-    conv weights), some in place (biases, norms, label embeddings), hence ``_GraphCache``.
+    The graph reads the model's weights as they were at capture: some as copies (the masked conv
+    weights rearranged per tap, the summed skip biases), some in place (biases, norms, label
+    embeddings), hence ``_GraphCache``.
     """
 
     def __init__(self, model, u, labels, temperature, dtype):
@@ -312,8 +313,9 @@ class _Pointwise:
 class _CachedConv:
     """A causal conv evaluated one output position at a time over a rolling buffer of its input rows.
 
-    ``weight [Cout, Cin, rows, kw]`` (masked, dilation ``d``) holds the kernel rows that reach the
-    rows above and the current one (the last). ``buffer [B, d (rows - 1) + 1, pad_left + W + pad_right,
+    ``weight [Cout, Cin, rows, kw]`` (masked) holds the kernel rows that reach the rows above and the
+    current one (the last): PixelCNN's k x k masked convs (rows k//2 + 1), or Gated PixelCNN's 1 x kw
+    horizontal convs (one row, dilation ``d`` along it). ``buffer [B, rows, pad_left + W + pad_right,
     Cin]``: the conv's input for those rows (last slot: the current row), zero-padded left and right
     like the full conv, so the window of output column j starts at buffer column j.
 
@@ -328,16 +330,17 @@ class _CachedConv:
                  pad_left: int, dilation: int = 1):
         cout, cin, rows, kw = weight.shape
         d = self.dilation = dilation
+        assert rows == 1 or d == 1, "only one-row (horizontal) convs are dilated in these models"
         weight = weight.to(dtype)
         cols = width + (kw - 1) * d  # pad_left + width + pad_right, the kernel spanning (kw - 1) d + 1 columns
-        self.buffer = torch.zeros(batch, (rows - 1) * d + 1, cols, cin, dtype=dtype, device=device)
+        self.buffer = torch.zeros(batch, rows, cols, cin, dtype=dtype, device=device)
         self.bias = bias.to(dtype)
         self.row_term = torch.zeros(batch, width, cout, dtype=dtype, device=device)
         # Current row: kernel columns x = 0 .. pad_left / d read buffer columns j + x d (x d <= pad_left:
         # the input at or left of j). As a matrix [taps * Cin, Cout], matching the taps [B, taps, Cin] flattened.
         taps = pad_left // d + 1
         self.weight_now = weight[:, :, -1, :taps].permute(2, 1, 0).reshape(taps * cin, cout).contiguous()
-        # Rows above: kernel row y reads buffer row y d, columns j + x d, every x: [(rows - 1) kw Cin, Cout],
+        # Rows above: kernel row y reads buffer row y, columns j + x, every x: [(rows - 1) kw Cin, Cout],
         # matching the windows [y, x, Cin] that ``start_row`` unfolds.
         self.weight_above = weight[:, :, :-1].permute(2, 3, 1, 0).reshape(-1, cout).contiguous() if rows > 1 else None
         self.kw = kw
@@ -346,7 +349,7 @@ class _CachedConv:
         self.slots = [current[:, j + pad_left] for j in range(width)]
         self.row_terms = [self.row_term[:, j] for j in range(width)]
         if d == 1:
-            self.taps = [current[:, j:j + taps].reshape(batch, -1) for j in range(width)]
+            self.taps = [current[:, j:j + taps].view(batch, -1) for j in range(width)]  # views, never copies
         else:  # strided taps are gathered per step
             index = torch.arange(taps) * d
             self.index = [(index + j).to(device) for j in range(width)]
@@ -371,9 +374,8 @@ class _CachedConv:
         if self.weight_above is None:
             self.row_term.copy_(self.bias.expand_as(self.row_term))
         else:
-            d = self.dilation
             # [B, rows - 1, cols, Cin] -> windows [B, rows - 1, W, Cin, kw] -> [B W, (rows - 1) kw Cin]
-            windows = self.buffer[:, :-1:d].unfold(2, (self.kw - 1) * d + 1, 1)[..., ::d]
+            windows = self.buffer[:, :-1].unfold(2, self.kw, 1)
             windows = windows.permute(0, 2, 1, 4, 3).reshape(b * width, -1)
             torch.addmm(self.bias, windows, self.weight_above, out=self.row_term.view(b * width, cout))
         if extra is not None:

@@ -121,6 +121,11 @@ SAMPLER_CASES = [  # model kind, channels, size, extra config, seed, temperature
     ("gated", 3, (4, 3), {"num_classes": 2}, 5, 0.9, (8, 4)),
     ("pixelcnn", 1, (7, 5), {"num_classes": 3}, 6, 1.0, (3, 8)),
     ("pixelcnn", 3, (4, 5), {"num_classes": 4}, 7, 1.2, (8, 5)),
+    # Edge cases, cached at batch 1: a dilated RGB conditional model wider in reach than the image; one
+    # layer (no residual), a dilated span wider than the image; a one-column RGB PixelCNN.
+    ("gated", 3, (4, 3), {"num_classes": 2, "dilations": (1, 4)}, 8, 1.0, (8, 1)),
+    ("gated", 1, (6, 2), {"layers": 1, "dilations": (3,)}, 9, 1.0, (4, 1)),
+    ("pixelcnn", 3, (5, 1), {"num_classes": 2}, 10, 1.0, (3, 1)),
 ]
 
 
