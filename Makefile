@@ -8,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/mnist
 TRAIN_FLAGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test clean
 
 setup: $(VENV)/.installed
 
