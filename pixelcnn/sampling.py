@@ -315,44 +315,42 @@ class _CachedConv:
 
     ``weight [Cout, Cin, rows, kw]`` (masked) holds the kernel rows that reach the rows above and the
     current one (the last): PixelCNN's k x k masked convs (rows k//2 + 1), or Gated PixelCNN's 1 x kw
-    horizontal convs (one row, dilation ``d`` along it). ``buffer [B, rows, pad_left + W + pad_right,
-    Cin]``: the conv's input for those rows (last slot: the current row), zero-padded left and right
-    like the full conv, so the window of output column j starts at buffer column j.
+    horizontal convs (one row, dilation ``d`` along it). The buffer holds the conv's input for those
+    rows (last slot: the current row), zero-padded left and right like the full conv, so the window of
+    output column j starts at padded column j. A dilated conv reads every d-th column, so each row is
+    stored split by column mod d: ``buffer [B, rows, d, ceil(cols / d), Cin]``, padded column c at
+    ``[c % d, c // d]``; then the taps of any column are adjacent in memory.
 
     The output is computed in two parts. The rows above are final once a row starts, so ``start_row``
     computes their part for every column of the row in one matrix product, bias included
     (``row_term [B, W, Cout]``; an owner may add its own per-row terms). Each step then needs only the
-    current row's taps at columns <= j: one small matmul, reading the buffer in place (a view) when
-    d == 1. A step's input is written straight into its buffer slot (``slots[j]``).
+    current row's taps at columns <= j: one small matmul that reads them in place (a view of the
+    buffer). A step's input is written straight into its buffer slot (``slots[j]``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, batch: int, width: int, dtype, device, *,
                  pad_left: int, dilation: int = 1):
         cout, cin, rows, kw = weight.shape
-        d = self.dilation = dilation
+        d = dilation
         assert rows == 1 or d == 1, "only one-row (horizontal) convs are dilated in these models"
         weight = weight.to(dtype)
         cols = width + (kw - 1) * d  # pad_left + width + pad_right, the kernel spanning (kw - 1) d + 1 columns
-        self.buffer = torch.zeros(batch, rows, cols, cin, dtype=dtype, device=device)
+        self.buffer = torch.zeros(batch, rows, d, -(-cols // d), cin, dtype=dtype, device=device)
         self.bias = bias.to(dtype)
         self.row_term = torch.zeros(batch, width, cout, dtype=dtype, device=device)
-        # Current row: kernel columns x = 0 .. pad_left / d read buffer columns j + x d (x d <= pad_left:
+        # Current row: kernel columns x = 0 .. pad_left / d read padded columns j + x d (x d <= pad_left:
         # the input at or left of j). As a matrix [taps * Cin, Cout], matching the taps [B, taps, Cin] flattened.
         taps = pad_left // d + 1
         self.weight_now = weight[:, :, -1, :taps].permute(2, 1, 0).reshape(taps * cin, cout).contiguous()
-        # Rows above: kernel row y reads buffer row y, columns j + x, every x: [(rows - 1) kw Cin, Cout],
-        # matching the windows [y, x, Cin] that ``start_row`` unfolds.
+        # Rows above (undilated): kernel row y reads buffer row y, columns j + x, every x:
+        # [(rows - 1) kw Cin, Cout], matching the windows [y, x, Cin] that ``start_row`` unfolds.
         self.weight_above = weight[:, :, :-1].permute(2, 3, 1, 0).reshape(-1, cout).contiguous() if rows > 1 else None
         self.kw = kw
         # Per column, fixed views into the buffer and row_term (shared storage, updated in place).
         current = self.buffer[:, -1]
-        self.slots = [current[:, j + pad_left] for j in range(width)]
+        self.slots = [current[:, (j + pad_left) % d, (j + pad_left) // d] for j in range(width)]
+        self.taps = [current[:, j % d, j // d:j // d + taps].view(batch, -1) for j in range(width)]  # never copies
         self.row_terms = [self.row_term[:, j] for j in range(width)]
-        if d == 1:
-            self.taps = [current[:, j:j + taps].view(batch, -1) for j in range(width)]  # views, never copies
-        else:  # strided taps are gathered per step
-            index = torch.arange(taps) * d
-            self.index = [(index + j).to(device) for j in range(width)]
 
     @classmethod
     def masked(cls, conv: MaskedConv2d, batch: int, width: int, dtype, device) -> "_CachedConv":
@@ -375,7 +373,7 @@ class _CachedConv:
             self.row_term.copy_(self.bias.expand_as(self.row_term))
         else:
             # [B, rows - 1, cols, Cin] -> windows [B, rows - 1, W, Cin, kw] -> [B W, (rows - 1) kw Cin]
-            windows = self.buffer[:, :-1].unfold(2, self.kw, 1)
+            windows = self.buffer[:, :-1, 0].unfold(2, self.kw, 1)
             windows = windows.permute(0, 2, 1, 4, 3).reshape(b * width, -1)
             torch.addmm(self.bias, windows, self.weight_above, out=self.row_term.view(b * width, cout))
         if extra is not None:
@@ -385,11 +383,7 @@ class _CachedConv:
         return self.slots[j].copy_(x)
 
     def __call__(self, j: int) -> torch.Tensor:
-        if self.dilation == 1:
-            taps = self.taps[j]
-        else:
-            taps = self.buffer[:, -1].index_select(1, self.index[j]).flatten(1)
-        return torch.addmm(self.row_terms[j], taps, self.weight_now)
+        return torch.addmm(self.row_terms[j], self.taps[j], self.weight_now)
 
 
 class _Stepper:
