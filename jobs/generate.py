@@ -184,6 +184,15 @@ def check_manifest(output: Storage, manifest: dict) -> None:
         )
 
 
+def claim_output(output: Storage, manifest: dict) -> None:
+    """Write the manifest once the request is known to run, so a refused one leaves the output untouched;
+    then check it again, in case another request wrote its own meanwhile (the last writer wins, the
+    other stops)."""
+    if output.read(MANIFEST) is None:
+        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
+        check_manifest(output, manifest)
+
+
 # --- Ray Data: the sampler actors and the atomic Parquet sink -----------------------------------
 
 
@@ -309,11 +318,7 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     need_gpus = args.gpus_per_actor * (args.min_actors or args.num_actors)
     if need_gpus > have.get("GPU", 0):
         raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
-    # Written once the request is known to run, so a refused one leaves the output untouched; checked
-    # again after, in case another request wrote its own meanwhile (the last writer wins, the other stops).
-    if output.read(MANIFEST) is None:
-        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
-        check_manifest(output, manifest)
+    claim_output(output, manifest)
     settings = {
         "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "batch_size": args.batch_size,
         "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],

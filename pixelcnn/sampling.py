@@ -365,9 +365,9 @@ class _CachedConv:
         """Start row ``i`` (rows < i of the input written): roll the buffer, compute ``row_term``
         (bias + the rows above's part, + ``extra``, broadcast to ``[B, W, Cout]``)."""
         b, width, cout = self.row_term.shape
-        if i and self.buffer.shape[1] > 1:
-            self.buffer[:, :-1] = self.buffer[:, 1:].clone()
-        if i:
+        if i:  # roll: the current row becomes the last row above; the new current row starts empty
+            if self.buffer.shape[1] > 1:
+                self.buffer[:, :-1] = self.buffer[:, 1:].clone()
             self.buffer[:, -1].zero_()
         if self.weight_above is None:
             self.row_term.copy_(self.bias.expand_as(self.row_term))
