@@ -26,11 +26,16 @@ is set by launch overhead, not arithmetic. The whole loop over an image has fixe
 indices, so ``sample`` captures it once as one CUDA graph and replays it per batch (``_GraphedRun``):
 one launch per batch instead of ~10^5. The graph runs exactly the kernels of the eager loop on the same
 inputs, so it draws the same images (a test on a GPU checks this).
+
+Fused (``method="fused"``, PixelCNN on CUDA): the cached loop and caches, with each pixel step one
+Triton kernel instead of over a hundred library ops (``fused.py``); graphed the same way.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
+from functools import partial
 from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 
@@ -43,7 +48,7 @@ from .data import levels_to_input
 from .layers import MaskedConv2d
 from .models import GatedPixelCNN, PixelCNN, StackConv2d, gate, scale_input
 
-METHODS = ("cached", "naive")
+METHODS = ("cached", "naive", "fused")
 
 
 class Samples(NamedTuple):
@@ -116,7 +121,9 @@ def sample(
     Samples are numbered ``0..num_samples-1`` (or by ``ids``); sample k depends only on (seed, k).
     ``labels`` (conditional models): one class for all samples, or one per sample.
     ``device`` defaults to the model's; computation runs in the model's dtype.
-    ``cuda_graph`` (cached method on CUDA): replay the sampling loop as one CUDA graph once a batch
+    ``method="fused"``: the cached sampler with each pixel step one Triton kernel (``fused.py``),
+    for PixelCNN on CUDA devices.
+    ``cuda_graph`` (cached and fused methods on CUDA): replay the sampling loop as one CUDA graph once a batch
     shape repeats (see the module docstring); the images are the same either way. A model's graphs
     have fixed input and output buffers: do not sample one model from several threads at once.
     """
@@ -136,13 +143,15 @@ def sample(
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     was_training = model.training
+    if method == "fused":
+        _check_fused(model, device)
     model.eval()  # sampling uses running statistics, never batch statistics
     if method == "naive":
         run = _sample_naive
     elif cuda_graph and device.type == "cuda":
-        run = _sample_cached_graphed
+        run = partial(_sample_cached_graphed, method=method)
     else:
-        run = _sample_cached
+        run = partial(_sample_cached, method=method)
     images, log_probs = [], []
     try:
         for start in range(0, len(ids), batch_size):
@@ -190,16 +199,32 @@ def _sample_naive(model, u, labels, temperature, dtype):
     return levels, log_prob
 
 
+def _check_fused(model, device: torch.device) -> None:
+    """One clear error where ``method="fused"`` cannot run."""
+    if type(model) is not PixelCNN:
+        raise ValueError(f"method='fused' samples PixelCNN only, not {type(model).__name__}; use method='cached'")
+    # Triton compiles for GPUs; its interpreter runs the same kernel on the CPU, slowly (for tests).
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"method='fused' runs on a CUDA device, not {device.type}; use method='cached'")
+    try:
+        import triton  # noqa: F401  (PyTorch's CUDA builds install it)
+    except ImportError:
+        raise ValueError("method='fused' needs Triton: pip install triton") from None
+
+
 @torch.no_grad()
-def _stepper(model, batch: int, dtype, device) -> "_Stepper":
-    stepper = CACHED_STEPPERS.get(type(model))
+def _stepper(model, batch: int, dtype, device, method: str = "cached") -> "_Stepper":
+    if method == "fused":
+        from .fused import FusedPixelCNNStepper as stepper
+    else:
+        stepper = CACHED_STEPPERS.get(type(model))
     if stepper is None:
         raise ValueError(f"no cached sampler for {type(model).__name__}; use method='naive'")
     return stepper(model, batch, dtype, device)
 
 
-def _sample_cached(model, u, labels, temperature, dtype):
-    return _stepper(model, u.shape[0], dtype, u.device).run(u, labels, temperature)
+def _sample_cached(model, u, labels, temperature, dtype, method="cached"):
+    return _stepper(model, u.shape[0], dtype, u.device, method).run(u, labels, temperature)
 
 
 class _GraphedRun:
@@ -212,8 +237,8 @@ class _GraphedRun:
     embeddings), hence ``_GraphCache``.
     """
 
-    def __init__(self, model, u, labels, temperature, dtype):
-        self.stepper = _stepper(model, u.shape[0], dtype, u.device)
+    def __init__(self, model, u, labels, temperature, dtype, method):
+        self.stepper = _stepper(model, u.shape[0], dtype, u.device, method)
         self.u = u.clone()
         self.labels = None if labels is None else labels.clone()
         self.graph = torch.cuda.CUDAGraph()
@@ -231,7 +256,7 @@ class _GraphedRun:
 class _GraphCache:
     """One model's captured graphs, valid while its weights are the ones they were captured with.
 
-    ``runs`` maps (shape, temperature, dtype, device, unconditional) to a ``_GraphedRun``, to None (seen
+    ``runs`` maps (shape, temperature, dtype, device, unconditional, method) to a ``_GraphedRun``, to None (seen
     once: a shape is captured the second time it is seen, so a one-off batch never pays for a capture)
     or to "eager" (its capture failed). Valid means every parameter and buffer has the same storage
     and the same values as at capture: values are compared, not version counters, because some
@@ -257,33 +282,33 @@ class _GraphCache:
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, _GraphCache]" = weakref.WeakKeyDictionary()
 
 
-def _sample_cached_graphed(model, u, labels, temperature, dtype):
+def _sample_cached_graphed(model, u, labels, temperature, dtype, method):
     weights = [t.detach() for t in (*model.parameters(), *model.buffers())]
     cache = _GRAPHS.get(model)
     if cache is None or not cache.valid_for(weights):
         cache = _GRAPHS[model] = _GraphCache(weights)
-    key = (u.shape, temperature, dtype, u.device, labels is None)
+    key = (u.shape, temperature, dtype, u.device, labels is None, method)
     if key not in cache.runs:  # first sight: run eagerly, capture next time
         if len(cache.runs) >= cache.MAX_SHAPES:
             cache.runs.pop(next(iter(cache.runs)))  # the oldest shape, and its graph's memory
         cache.runs[key] = None
-        return _sample_cached(model, u, labels, temperature, dtype)
+        return _sample_cached(model, u, labels, temperature, dtype, method)
     run = cache.runs[key]
     if isinstance(run, _GraphedRun):
         with torch.cuda.device(u.device):
             return run(u, labels)
     if run == "eager":
-        return _sample_cached(model, u, labels, temperature, dtype)
+        return _sample_cached(model, u, labels, temperature, dtype, method)
     with torch.cuda.device(u.device):  # second sight: capture
         # Warm up on a side stream first (PyTorch's recipe for capture): cuBLAS handles and
         # workspaces are made outside the graph. This run's result is the current batch's.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            result = _sample_cached(model, u, labels, temperature, dtype)
+            result = _sample_cached(model, u, labels, temperature, dtype, method)
         torch.cuda.current_stream().wait_stream(side)
         try:
-            cache.runs[key] = _GraphedRun(model, u, labels, temperature, dtype)
+            cache.runs[key] = _GraphedRun(model, u, labels, temperature, dtype, method)
         except RuntimeError:  # e.g. no memory left for the graph's pool: stay eager for this shape
             cache.runs[key] = "eager"
     return result
@@ -338,19 +363,28 @@ class _CachedConv:
         self.buffer = torch.zeros(batch, rows, d, -(-cols // d), cin, dtype=dtype, device=device)
         self.bias = bias.to(dtype)
         self.row_term = torch.zeros(batch, width, cout, dtype=dtype, device=device)
-        # Current row: kernel columns x = 0 .. pad_left / d read padded columns j + x d (x d <= pad_left:
-        # the input at or left of j). As a matrix [taps * Cin, Cout], matching the taps [B, taps, Cin] flattened.
+        self.weight_now, self.weight_above = self.tap_weights(weight, pad_left, d)
         taps = pad_left // d + 1
-        self.weight_now = weight[:, :, -1, :taps].permute(2, 1, 0).reshape(taps * cin, cout).contiguous()
-        # Rows above (undilated): kernel row y reads buffer row y, columns j + x, every x:
-        # [(rows - 1) kw Cin, Cout], matching the windows [y, x, Cin] that ``start_row`` unfolds.
-        self.weight_above = weight[:, :, :-1].permute(2, 3, 1, 0).reshape(-1, cout).contiguous() if rows > 1 else None
         self.kw = kw
         # Per column, fixed views into the buffer and row_term (shared storage, updated in place).
         current = self.buffer[:, -1]
         self.slots = [current[:, (j + pad_left) % d, (j + pad_left) // d] for j in range(width)]
         self.taps = [current[:, j % d, j // d:j // d + taps].view(batch, -1) for j in range(width)]  # never copies
         self.row_terms = [self.row_term[:, j] for j in range(width)]
+
+    @staticmethod
+    def tap_weights(weight: torch.Tensor, pad_left: int, dilation: int = 1):
+        """``weight [Cout, Cin, rows, kw]`` as the matrices a step and a row start multiply by:
+        (current row ``[taps Cin, Cout]``, rows above ``[(rows - 1) kw Cin, Cout]`` or None)."""
+        cout, cin, rows, _ = weight.shape
+        # Current row: kernel columns x = 0 .. pad_left / d read padded columns j + x d (x d <= pad_left:
+        # the input at or left of j). As a matrix [taps * Cin, Cout], matching the taps [B, taps, Cin] flattened.
+        taps = pad_left // dilation + 1
+        now = weight[:, :, -1, :taps].permute(2, 1, 0).reshape(taps * cin, cout).contiguous()
+        # Rows above (undilated): kernel row y reads buffer row y, columns j + x, every x:
+        # [(rows - 1) kw Cin, Cout], matching the windows [y, x, Cin] that ``start_row`` unfolds.
+        above = weight[:, :, :-1].permute(2, 3, 1, 0).reshape(-1, cout).contiguous() if rows > 1 else None
+        return now, above
 
     @classmethod
     def masked(cls, conv: MaskedConv2d, batch: int, width: int, dtype, device) -> "_CachedConv":
@@ -392,7 +426,8 @@ class _Stepper:
     A subclass sets ``input_cache`` (the cached conv that reads the image in the current row),
     ``reset(labels)`` (zero every cache, compute the label terms), ``start_row(i, levels)`` (called
     once rows < i are drawn) and ``logits_at(j)`` (logits ``[B, levels, C]`` at (current row, j),
-    filling every layer's cache at j). A stepper can run any number of batches of its size.
+    filling every layer's cache at j), or instead of ``logits_at`` a whole ``step``. A stepper can run
+    any number of batches of its size.
     """
 
     cfg = None
@@ -420,15 +455,18 @@ class _Stepper:
         for i in range(height):
             self.start_row(i, levels)
             for j in range(width):
-                pixel = self.input_cache.slots[j]
                 for c in range(channels):
-                    # Channels < c of this pixel are in the input buffer; the rest are still zero, and
-                    # masked out of every logit we read (features at (i, j) never see the last channel).
-                    level, lp = draw(self.logits_at(j)[:, :, c], u[:, i, j, c], temperature)
-                    levels[:, c, i, j] = level
-                    log_prob += lp
-                    pixel[:, c] = input_values.index_select(0, level)
+                    self.step(i, j, c, u, levels, log_prob, input_values, temperature)
         return levels, log_prob
+
+    def step(self, i, j, c, u, levels, log_prob, input_values, temperature) -> None:
+        """Draw channel c of pixel (i, j) into ``levels``, add its log-prob, write it into the input buffer."""
+        # Channels < c of this pixel are in the input buffer; the rest are still zero, and masked out
+        # of every logit we read (features at (i, j) never see the last channel).
+        level, lp = draw(self.logits_at(j)[:, :, c], u[:, i, j, c], temperature)
+        levels[:, c, i, j] = level
+        log_prob += lp
+        self.input_cache.slots[j][:, c] = input_values.index_select(0, level)
 
 
 class _PixelCNNStepper(_Stepper):

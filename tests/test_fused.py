@@ -1,0 +1,175 @@
+"""The fused pixel step (``method="fused"``, one Triton kernel per step) draws the naive sampler's images.
+
+On machines without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, chosen
+when ``pixelcnn.fused`` is first imported): the same kernel source, each program run on the CPU in turn.
+It checks the kernel's arithmetic, indexing and masking, not its GPU compilation or speed; the CUDA test
+at the end (a child process without the interpreter) does that where a GPU is present.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import randomize
+from pixelcnn import GatedPixelCNN, PixelCNN, sample
+from pixelcnn.sampling import _stepper, sample_uniforms
+from test_sampling import explained_by_float_tie, teacher_forced_log_prob, tiny
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import pixelcnn.fused
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(pixelcnn.fused._pixel_step, InterpretedFunction), "pixelcnn.fused was imported before"
+
+
+CASES = [  # channels, image size, seed, temperature, batch, extra model config
+    # 20 images: two programs of 16 rows, the second partly empty; with 16 x 16 weight tiles (below),
+    # hidden 40 makes every layer several tiles and a partial one
+    (1, (7, 5), 0, 1.0, 20, dict(hidden=40)),
+    (3, (3, 5), 3, 1.3, 8, {}),
+    (1, (4, 6), 1, 0.7, 5, dict(norm="batch")),
+    (3, (4, 3), 2, 1.0, 6, dict(num_classes=3, blocks=3)),
+    (1, (1, 1), 4, 1.0, 3, {}),
+]
+
+
+def case_model(channels, size, seed, extra, dtype=torch.float64):
+    model = tiny(channels, size, dtype=dtype, seed=seed, **extra)
+    for m in model.modules():  # eval-mode BatchNorm with non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("channels,size,seed,temperature,batch,extra", CASES)
+def test_fused_equals_naive_float64(channels, size, seed, temperature, batch, extra, monkeypatch):
+    if extra.get("hidden"):
+        monkeypatch.setattr("pixelcnn.fused.BLOCK_K", 16)
+        monkeypatch.setattr("pixelcnn.fused.BLOCK_N", 16)
+    model = case_model(channels, size, seed, extra)
+    labels = torch.arange(batch) % 3 if extra.get("num_classes") else None
+    naive = sample(model, batch, seed=seed, temperature=temperature, labels=labels, method="naive", batch_size=batch)
+    fused = sample(model, batch, seed=seed, temperature=temperature, labels=labels, method="fused", batch_size=batch)
+    assert naive.images.float().std() > 10 or size == (1, 1), "random weights should give varied images"
+    assert torch.equal(naive.images, fused.images)
+    assert torch.allclose(naive.log_prob, fused.log_prob, atol=1e-9, rtol=0)
+    assert torch.allclose(fused.log_prob, teacher_forced_log_prob(model, fused.images.long(), labels), atol=1e-9, rtol=0)
+
+
+def test_fused_equals_naive_float32():
+    model = tiny(3, (4, 5), dtype=torch.float32, seed=5)
+    naive = sample(model, 12, seed=9, method="naive", batch_size=12)
+    fused = sample(model, 12, seed=9, method="fused", batch_size=12)
+    same = [k for k in range(12) if torch.equal(naive.images[k], fused.images[k])]
+    for k in set(range(12)) - set(same):
+        assert explained_by_float_tie(model, naive.images[k], fused.images[k], 9, k)
+    assert len(same) >= 11
+    assert torch.allclose(naive.log_prob[same], fused.log_prob[same], atol=1e-4, rtol=0)
+
+
+def test_a_fused_stepper_reused_for_later_batches_starts_clean():
+    """What CUDA graph replay relies on: one stepper runs batch after batch, each as if it were fresh."""
+    model = case_model(3, (3, 4), 6, dict(num_classes=2))
+    stepper = _stepper(model, 4, torch.float64, torch.device("cpu"), "fused")
+    for ids in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        labels = torch.tensor(ids) % 2
+        u = sample_uniforms(6, ids, 3 * 3 * 4).view(4, 3, 4, 3)
+        levels, log_prob = stepper.run(u, labels, 0.9)
+        fresh = sample(model, ids=ids, seed=6, temperature=0.9, labels=labels, method="naive")
+        assert torch.equal(levels.to(torch.uint8), fresh.images)
+        assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
+
+
+def test_fused_refuses_what_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="PixelCNN only, not GatedPixelCNN"):
+        sample(GatedPixelCNN(image_size=(3, 3), hidden=8, layers=1).double(), 1, method="fused")
+    with pytest.raises(ValueError, match="at least one residual block"):
+        sample(tiny(blocks=0), 1, method="fused")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="runs on a CUDA device, not cpu"):
+        sample(tiny(), 1, method="fused")
+
+
+def compiled_run(script: str) -> subprocess.CompletedProcess:
+    """``script`` in a child process whose ``pixelcnn.fused`` compiles its kernel (no interpreter)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", script], cwd=tests, env=env, capture_output=True, text=True)
+
+
+COMPILE_FOR_H100 = """
+import json, sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from pixelcnn import PixelCNN
+from pixelcnn.fused import _pixel_step
+from pixelcnn.sampling import _stepper
+POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64", torch.int64: "*i64"}
+report = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    model = PixelCNN(hidden=128, blocks=15).to(dtype).eval()  # the reference model, MNIST-sized
+    stepper = _stepper(model, 256, dtype, torch.device("cpu"), "fused")
+    stepper.temperature = torch.ones((), dtype=torch.float64)
+    levels, u = torch.zeros(256, 1, 28, 28, dtype=torch.long), torch.rand(256, 28, 28, 1, dtype=torch.float64)
+    args, meta = stepper.kernel_args(3, 5, 0, u, levels, torch.zeros(256, dtype=torch.float64), torch.zeros(256, dtype=dtype))
+    options = {"num_warps": meta.pop("num_warps")}
+    signature = {name: POINTER[a.dtype] if isinstance(a, torch.Tensor) else "i32" for name, a in zip(_pixel_step.arg_names, args)}
+    signature.update({name: "constexpr" for name in meta})
+    kernel = compile(ASTSource(_pixel_step, signature, meta), target=GPUTarget("cuda", 90, 32), options=options)
+    report[str(dtype)] = {"shared": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])}
+json.dump(report, sys.stdout)
+"""
+
+
+def test_kernel_compiles_for_an_h100():
+    """Compiled ahead of time for sm_90 with Triton's own LLVM and ptxas (no GPU needed): the kernel
+    must lower to a cubin for the reference model in each dtype, within an H100's 227 KiB of shared
+    memory per block (a launch that needs more fails)."""
+    out = compiled_run(COMPILE_FOR_H100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert set(report) == {"torch.float32", "torch.bfloat16", "torch.float64"}
+    for dtype, kernel in report.items():
+        assert kernel["cubin_bytes"] > 0 and kernel["shared"] <= 227 * 1024, (dtype, kernel)
+
+
+CUDA_CHECK = """
+import copy, torch
+from pixelcnn import PixelCNN, sample
+from pixelcnn.sampling import _GRAPHS, _GraphedRun
+from conftest import randomize
+from test_sampling import explained_by_float_tie
+torch.manual_seed(0)
+for channels, size, extra in [(1, (7, 5), dict(hidden=40)), (3, (4, 3), dict(num_classes=3, norm="batch"))]:
+    cpu = randomize(PixelCNN(in_channels=channels, image_size=size, hidden=extra.pop("hidden", 12), blocks=2,
+                             **extra)).eval()
+    labels = torch.arange(20) % 3 if cpu.config.num_classes else None
+    reference = sample(cpu, 20, seed=1, labels=labels, batch_size=20)  # the CPU cached sampler, float32
+    model = copy.deepcopy(cpu).cuda()
+    for graph in (False, True, True, True):  # eager; then with graphs: run, capture, replay
+        fused = sample(model, 20, seed=1, labels=labels, batch_size=20, method="fused", cuda_graph=graph)
+        same = [k for k in range(20) if torch.equal(fused.images[k], reference.images[k])]
+        for k in set(range(20)) - set(same):
+            assert explained_by_float_tie(cpu, reference.images[k], fused.images[k], 1, k), k
+        assert len(same) >= 18 and torch.allclose(fused.log_prob[same], reference.log_prob[same], atol=1e-4)
+    assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
+    bf16 = sample(copy.deepcopy(model).bfloat16(), 20, seed=1, labels=labels, batch_size=20, method="fused")
+    assert bf16.images.float().std() > 10 and torch.isfinite(bf16.log_prob).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA device")
+def test_compiled_kernel_on_cuda_draws_the_cpu_images():
+    """Compiled for the GPU (no interpreter), eager and as a CUDA graph, float32 and bf16."""
+    out = compiled_run(CUDA_CHECK)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
