@@ -1,14 +1,16 @@
 """Samples/s of the naive and the cached sampler, side by side, and their ratio.
 
     .venv/bin/python benchmarks/sampling.py                 # CPU: mid-size and reference model
-    python3 benchmarks/sampling.py --device cuda            # on a GPU: reference model, + CUDA graphs, bf16
+    python3 benchmarks/sampling.py --device cuda            # on a GPU: reference model, + CUDA graphs, bf16,
+                                                            # and the fused kernel
 
 Cached: full images through ``pixelcnn.sample(method="cached")``, timed end to end. On a GPU,
 "cached" replays the sampling loop as one CUDA graph (two untimed calls first: the first runs eagerly,
 the second captures), "eager" is the same sampler with ``cuda_graph=False``, and "bf16" is the graphed
 sampler with the model cast to bfloat16 (its images differ from float32's once a draw lands on the other
 side of a CDF boundary, so the script also reports how far the bf16 sampler's log-probs are from the
-float32 model's, in bits/dim).
+float32 model's, in bits/dim). "fused" and "fused-bf16" are the same with ``method="fused"`` (one
+Triton kernel per pixel step), with the kernel's default tiles and with each ``--fused-tiles`` choice.
 Naive: one full forward pass per pixel, so its time per image is (time of one forward pass at the
 batch size) x H x W x C; that per-step time is measured on the spot (mean of a few passes; the
 sampling draw itself is negligible beside a forward pass), after three untimed passes. Where a full naive run is affordable
@@ -37,9 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = {"mid": dict(hidden=64, blocks=7), "reference": dict(hidden=128, blocks=15)}
 FAST_METHODS = ("cached", "eager", "bf16")  # the cached sampler: graphed, eager, graphed on a bf16 copy
+FUSED_METHODS = ("fused", "fused-bf16")  # method="fused", graphed: float32, bf16 copy (GPU only)
 
 
-def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, full_naive: bool) -> dict:
+def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, full_naive: bool,
+            tiles: str | None = None) -> dict:
     import torch
 
     from pixelcnn import PixelCNN, sample
@@ -54,9 +58,15 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     extra = {}
-    if method in FAST_METHODS:
-        fast = copy.deepcopy(model).to(torch.bfloat16) if method == "bf16" else model
-        opts = dict(batch_size=batch, device=device, cuda_graph=method != "eager")
+    if tiles:  # "KxNxW": the fused kernel's BLOCK_K, BLOCK_N, NUM_WARPS for this configuration
+        import pixelcnn.fused
+
+        pixelcnn.fused.BLOCK_K, pixelcnn.fused.BLOCK_N, pixelcnn.fused.NUM_WARPS = map(int, tiles.split("x"))
+        extra["tiles"] = tiles
+    if method in FAST_METHODS + FUSED_METHODS:
+        fast = copy.deepcopy(model).to(torch.bfloat16) if method.endswith("bf16") else model
+        opts = dict(batch_size=batch, device=device, cuda_graph=method != "eager",
+                    method="fused" if method in FUSED_METHODS else "cached")
         for seed in range(2 if gpu else 1):  # warm-up; on a GPU the second call captures the graph
             sample(fast, batch, seed=100 + seed, **opts)
         sync()
@@ -66,7 +76,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
         seconds = time.perf_counter() - start
         how = "full run"
         peak_mb = _peak_mb(gpu)  # before the scoring below, which runs the float32 model
-        if method == "bf16":  # the float32 model's likelihood of the bf16 sampler's images
+        if method.endswith("bf16"):  # the float32 model's likelihood of the bf16 sampler's images
             with torch.no_grad():
                 images = out.images.to(device).long()
                 exact = -nll_per_image(model(levels_to_input(images)), images).cpu()
@@ -89,7 +99,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             sync()
         seconds = (time.perf_counter() - start) / naive_steps * h * w * c
         how = f"{naive_steps} passes x {h * w * c}"
-    if method not in FAST_METHODS:
+    if method not in FAST_METHODS + FUSED_METHODS:
         peak_mb = _peak_mb(gpu)
     return {"model": kind, "method": method, "batch": batch, "samples_per_s": batch / seconds, "peak_mb": peak_mb,
             "how": how, **extra}
@@ -140,7 +150,10 @@ def in_child(fn, *args):
 
 
 def run_isolated(*args) -> dict:
-    if args[3].startswith("cuda"):  # device memory peaks are per configuration already; spare the start-ups
+    # On a GPU, device memory peaks are per configuration already: spare the start-ups, except where
+    # the fused kernel's tiles are changed (module settings, so in a process of their own).
+    device, tiles = args[3], args[6] if len(args) > 6 else None
+    if device.startswith("cuda") and tiles is None:
         return measure(*args)
     return in_child(measure, *args)
 
@@ -153,28 +166,32 @@ def main() -> None:
     p.add_argument("--naive-steps", type=int, default=3, help="forward passes timed for the naive rate")
     p.add_argument("--verify-naive", type=int, default=16,
                    help="also run the naive sampler in full up to this batch (first model only)")
+    p.add_argument("--fused-tiles", default="",
+                   help="GPU: also time the fused sampler with these tiles, comma-separated KxNxWARPS (e.g. 64x128x4)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
     models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
     batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
-    fast_methods = FAST_METHODS if gpu else ("cached",)
+    # (method, fused kernel tiles or None for its defaults)
+    fast_methods = [(m, None) for m in FAST_METHODS + FUSED_METHODS] if gpu else [("cached", None)]
+    fast_methods += [(m, t) for t in args.fused_tiles.split(",") if t and gpu for m in FUSED_METHODS]
     rows = []
     for kind in models:
         ops = in_child(ops_per_pixel_step, kind)
         rows.append({"model": kind, "ops_per_pixel_step": ops})
         print(f"{kind:9s} cached sampler: {ops:.0f} PyTorch ops per pixel step (views excluded)", flush=True)
         for batch in batches:
-            fast = [run_isolated(kind, m, batch, args.device, args.naive_steps, False) for m in fast_methods]
+            fast = [run_isolated(kind, m, batch, args.device, args.naive_steps, False, t) for m, t in fast_methods]
             naive = run_isolated(kind, "naive", batch, args.device, args.naive_steps, False)
             rows += [*fast, naive]
             line = f"{kind:9s} batch {batch:4d}: " + "  ".join(
-                f"{r['method']} {r['samples_per_s']:9.2f}/s ({r['peak_mb']:6.0f} MB)" for r in fast)
-            line += (f"  naive {naive['samples_per_s']:9.4f}/s ({naive['peak_mb']:6.0f} MB, {naive['how']})  "
-                     f"ratio {fast[0]['samples_per_s'] / naive['samples_per_s']:7.1f}x")
+                f"{r['method']}{'[' + r['tiles'] + ']' if 'tiles' in r else ''} {r['samples_per_s']:9.2f}/s "
+                f"({r['peak_mb']:6.0f} MB, {r['samples_per_s'] / naive['samples_per_s']:.1f}x)" for r in fast)
+            line += f"  naive {naive['samples_per_s']:9.4f}/s ({naive['peak_mb']:6.0f} MB, {naive['how']})"
             for r in fast:
                 if "bf16_log_prob_error_bits_per_dim" in r:
-                    line += f"  bf16 log-prob error {r['bf16_log_prob_error_bits_per_dim']:.2e} bits/dim"
+                    line += f"  {r['method']} log-prob error {r['bf16_log_prob_error_bits_per_dim']:.2e} bits/dim"
             if kind == models[0] and batch <= args.verify_naive:
                 full = run_isolated(kind, "naive", batch, args.device, args.naive_steps, True)
                 rows.append(full)

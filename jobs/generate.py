@@ -57,9 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
     p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
-    p.add_argument("--sampler", choices=METHODS, default="cached", help="cached (fast) or naive; both draw the same images")
+    p.add_argument("--sampler", choices=METHODS, default="cached",
+                   help="cached (fast), naive, or fused (PixelCNN on GPU actors: one Triton kernel per pixel step); "
+                        "all draw the same images, up to float rounding at CDF boundaries")
     p.add_argument("--batch-size", type=int,
-                   help="images sampled together on one actor (default: 4096 for the cached sampler on GPU actors, else 256)")
+                   help="images sampled together on one actor (default: 4096 for the cached and fused samplers on GPU actors, else 256)")
     p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
     p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size)")
     p.add_argument("--min-actors", type=int, help="autoscaling pool: at least this many actors")
@@ -76,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         # On a GPU the cached sampler is bound by kernel launches, not arithmetic, so samples/s grows
         # almost linearly with the batch up to thousands (benchmarks/sampling.py: 467/s at 256, 3,242/s
         # at 4096 on an H100, 2.4 GB of device memory for the reference model). The naive sampler is
-        # compute-bound from ~256 and would only take more memory.
-        args.batch_size = 4096 if args.gpus_per_actor > 0 and args.sampler == "cached" else 256
+        # compute-bound from ~256 and would only take more memory. The fused kernel's rate grows with
+        # the batch too, until every SM has a tile of 16 images (~2,000 on an H100).
+        args.batch_size = 4096 if args.gpus_per_actor > 0 and args.sampler != "naive" else 256
     for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -85,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.gpus_per_actor < 0 or args.preview < 0:
         p.error("--gpus-per-actor and --preview must be >= 0")
+    if args.sampler == "fused" and not args.gpus_per_actor:
+        p.error("--sampler fused runs on GPU actors: pass --gpus-per-actor")
     if (args.min_actors is None) != (args.max_actors is None):
         p.error("--min-actors and --max-actors go together")
     if args.min_actors is not None and not 1 <= args.min_actors <= args.max_actors:
@@ -267,6 +272,8 @@ def main(argv=None) -> dict:
         ckpt = load_checkpoint(checkpoint, name=checkpoint_uri)
         model_from_checkpoint(ckpt, source=f"checkpoint {checkpoint_uri}")  # weights must match the config
         cfg = ckpt["model_config"]
+        if args.sampler == "fused" and ckpt["model_class"] != "PixelCNN":
+            raise JobError(f"--sampler fused samples PixelCNN only; this checkpoint holds a {ckpt['model_class']}")
         probs = label_probs(args, cfg.get("num_classes", 0))
         output = open_storage(args.output, args.s3_endpoint)
         check_writable(output)

@@ -10,7 +10,7 @@
 | log_prob      | float64              | log p(image) under the model (temperature 1), nats            |
 | bits_per_dim  | float64              | -log_prob / (H * W * C * ln 2)                                 |
 | temperature   | float64              | softmax temperature used to draw                              |
-| sampler       | string               | "cached" or "naive" (both draw the same images)               |
+| sampler       | string               | "cached", "naive" or "fused" (the same images, up to float ties) |
 | checkpoint    | string               | URI of the checkpoint                                         |
 | model_sha256  | string               | SHA-256 of the checkpoint file                                |
 | created_at    | timestamp[us, UTC]   | when the row was made                                         |

@@ -163,7 +163,8 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
     assert table.column("id").to_pylist() == list(range(20))
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "label", "unconditional", "gpus", "other-seed"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "fused-cpu", "label", "unconditional", "gpus",
+                                  "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -176,6 +177,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         out = "s3://no-such-bucket/samples"
     elif case == "zero":
         extra = ["--num-samples", 0]
+    elif case == "fused-cpu":
+        extra = ["--sampler", "fused"]
     elif case == "label":
         ckpt, extra = checkpoints["cond"], ["--label", 10]
     elif case == "unconditional":
@@ -187,8 +190,10 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         extra = ["--seed", 2]
     proc = run_job("generate.py", "--checkpoint", ckpt, "--output", out, *(extra or ["--num-samples", 4]),
                    *(["--num-samples", 4] if extra and "--num-samples" not in extra else []), env=env, check=False)
-    if case == "zero":
-        assert proc.returncode == 2 and "--num-samples must be >= 1" in proc.stderr
+    if case in ("zero", "fused-cpu"):  # argparse's usage error
+        message = {"zero": "--num-samples must be >= 1", "fused-cpu": "--sampler fused runs on GPU actors"}[case]
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not out.exists()
         return
     line = one_error_line(proc)
     expected = {
