@@ -23,7 +23,7 @@ The kernel computes what ``_PixelCNNStepper.logits_at`` computes, in the same or
 within rounding of a CDF boundary may differ, as between any two float32 samplers.
 
 Where it runs. On CUDA devices with Triton installed (PyTorch's CUDA builds bring it). On the CPU only
-under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported), which is how
+under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is how
 the tests check it on machines without a GPU.
 """
 

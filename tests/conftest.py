@@ -8,8 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels (pixelcnn/fused.py) run in Triton's CPU interpreter in test processes: Triton reads
+# this when it is first imported (its own library functions are decorated then), so it is set before
+# anything can import it. Tests that compile the kernel for real run a child process with it set to 0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # MNIST in torchvision's layout (MNIST/raw); this machine and CI keep it beside the checkout.

@@ -1,9 +1,10 @@
 """The fused pixel step (``method="fused"``, one Triton kernel per step) draws the naive sampler's images.
 
-On machines without a GPU the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, chosen
-when ``pixelcnn.fused`` is first imported): the same kernel source, each program run on the CPU in turn.
-It checks the kernel's arithmetic, indexing and masking, not its GPU compilation or speed; the CUDA test
-at the end (a child process without the interpreter) does that where a GPU is present.
+In the test process the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest.py before Triton is imported): the same kernel source, each program run on the CPU in turn.
+It checks the kernel's arithmetic, indexing and masking. Its compilation for a GPU is checked in a
+child process without the interpreter (ahead of time for an H100, no GPU needed), and where a GPU is
+present the compiled kernel is run against the CPU sampler; its speed is for benchmarks/sampling.py.
 """
 
 import json
@@ -14,19 +15,18 @@ import sys
 import pytest
 import torch
 
-from conftest import randomize
-from pixelcnn import GatedPixelCNN, PixelCNN, sample
+from pixelcnn import GatedPixelCNN, sample
 from pixelcnn.sampling import _stepper, sample_uniforms
 from test_sampling import explained_by_float_tie, teacher_forced_log_prob, tiny
 
 
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import pixelcnn.fused
+def test_the_kernel_runs_in_the_interpreter_here():
+    """conftest.py sets TRITON_INTERPRET=1 before Triton is imported; every test below relies on it."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    assert isinstance(pixelcnn.fused._pixel_step, InterpretedFunction), "pixelcnn.fused was imported before"
+    import pixelcnn.fused
+
+    assert isinstance(pixelcnn.fused._pixel_step, InterpretedFunction)
 
 
 CASES = [  # channels, image size, seed, temperature, batch, extra model config
@@ -101,7 +101,7 @@ def test_fused_refuses_what_it_cannot_run(monkeypatch):
 def compiled_run(script: str) -> subprocess.CompletedProcess:
     """``script`` in a child process whose ``pixelcnn.fused`` compiles its kernel (no interpreter)."""
     tests = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # conftest.py, imported there too, keeps it
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-c", script], cwd=tests, env=env, capture_output=True, text=True)
 
@@ -144,6 +144,7 @@ def test_kernel_compiles_for_an_h100():
 
 CUDA_CHECK = """
 import copy, torch
+import pixelcnn.fused
 from pixelcnn import PixelCNN, sample
 from pixelcnn.sampling import _GRAPHS, _GraphedRun
 from conftest import randomize
@@ -164,6 +165,7 @@ for channels, size, extra in [(1, (7, 5), dict(hidden=40)), (3, (4, 3), dict(num
     assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
     bf16 = sample(copy.deepcopy(model).bfloat16(), 20, seed=1, labels=labels, batch_size=20, method="fused")
     assert bf16.images.float().std() > 10 and torch.isfinite(bf16.log_prob).all()
+assert type(pixelcnn.fused._pixel_step).__name__ == "JITFunction", "interpreted, not compiled"
 print("ok")
 """
 
