@@ -183,11 +183,12 @@ def train_worker(config: dict) -> None:
     train(TrainConfig.from_dict(config["train"]), RayTrainRuntime(run))
 
 
-def check_run_config(run: Storage, cfg: TrainConfig) -> dict | None:
-    """A rerun of --name must not contradict what the stored run was trained with. A config.json
-    without metrics.jsonl is from a run that stopped before its first report: it binds nothing."""
+def check_run_config(run: Storage, cfg: TrainConfig, reported: bool) -> dict | None:
+    """A rerun of --name must not contradict what the stored run was trained with. A config.json of a
+    run that never ``reported`` (no metrics) is from one that stopped before its first report: it
+    binds nothing."""
     stored = run.read("config.json")
-    if stored is None or run.read("metrics.jsonl") is None:
+    if stored is None or not reported:
         return None
     try:
         stored = json.loads(stored)
@@ -237,8 +238,8 @@ def main(argv=None) -> dict:
         # failure retried --max-failures times (workers on other nodes still fetch their own copy).
         load_dataset(cfg.dataset, cfg.data_dir, train=False, subset=1, download=cfg.download)
         check_writable(storage)
-        stored = check_run_config(run, cfg)
         previous = last_metrics(run)
+        stored = check_run_config(run, cfg, reported=previous is not None)
         same_run = all(stored.get(k) == getattr(cfg, k) for k in RUN_IDENTITY + RUN_LENGTH) if stored else False
         if same_run and previous and previous.get("done"):
             print(f"run {run.uri} already finished at step {previous['step']}: nothing to train", flush=True)

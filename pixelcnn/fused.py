@@ -85,7 +85,9 @@ def _layer(a_ptr, a_stride, K, w_ptr, N, out_ptr, out_stride, rows, bias_ptr, bi
         tl.store(out_ptr + m[:, None] * out_stride + n[None, :], y, mask=mask)
 
 
-@triton.jit(do_not_specialize=["j", "c"])  # one compiled kernel for every pixel
+# One compiled kernel for every pixel: Triton would otherwise compile variants for special values of
+# the position and for the alignment of the per-pixel views u[:, i, j, c] and levels[:, c, i, j].
+@triton.jit(do_not_specialize=["j", "c"], do_not_specialize_on_alignment=["u_ptr", "level_ptr"])
 def _pixel_step(
     j, c, batch,
     # the input conv: its current row's buffer [B, cols, C] (taps in place), row term [B, W, 2h], weight, norm

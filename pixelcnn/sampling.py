@@ -207,9 +207,11 @@ def _check_fused(model, device: torch.device) -> None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"method='fused' runs on a CUDA device, not {device.type}; use method='cached'")
     try:
-        import triton  # noqa: F401  (PyTorch's CUDA builds install it)
+        import triton  # PyTorch's CUDA builds install it
     except ImportError:
-        raise ValueError("method='fused' needs Triton: pip install triton") from None
+        raise ValueError("method='fused' needs Triton >= 3.2: pip install triton") from None
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 2):
+        raise ValueError(f"method='fused' needs Triton >= 3.2, this is {triton.__version__}; use method='cached'")
 
 
 @torch.no_grad()

@@ -166,11 +166,14 @@ def test_rerun_identity_check_fills_flags_a_stored_run_predates(tmp_path):
     stored = {"dataset": "mnist", "subset": None, "model": "pixelcnn", "hidden": 128, "blocks": 15, "norm": "none",
               "conditional": False, "batch_size": 128, "seed": 0}  # written before --layers existed
     run_dir.write("config.json", json.dumps(stored).encode())
+    def check(cfg):  # as the job calls it
+        return job.check_run_config(run_dir, cfg, reported=job.last_metrics(run_dir) is not None)
+
     # A run that stopped before its first report (no metrics.jsonl) has trained nothing: it binds nothing.
-    assert job.check_run_config(run_dir, TrainConfig(hidden=64)) is None
+    assert check(TrainConfig(hidden=64)) is None
     run_dir.write("metrics.jsonl", b'{"step": 10}\n')
-    job.check_run_config(run_dir, TrainConfig())  # no complaint about --layers / --kernel-size
+    check(TrainConfig())  # no complaint about --layers / --kernel-size
     with pytest.raises(JobError, match="--layers 12 -> 6"):
-        job.check_run_config(run_dir, TrainConfig(layers=6))
+        check(TrainConfig(layers=6))
     with pytest.raises(JobError, match="--hidden 128 -> 64"):
-        job.check_run_config(run_dir, TrainConfig(hidden=64))
+        check(TrainConfig(hidden=64))
