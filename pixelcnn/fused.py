@@ -18,9 +18,10 @@ conv caches are laid out as ``_CachedConv``'s, stacked into one tensor so the ke
 fixed stride. Rows start as there: the part of every 3x3 conv that reads the rows above is one batched
 matrix product per row, outside the kernel.
 The kernel computes what ``_PixelCNNStepper.logits_at`` computes, in the same order, then draws as
-``draw`` does (in float64, the same uniforms), so in float64 it draws the cached sampler's images
-(``tests/test_fused.py``). In float32 its products sum in a different order, so a draw that lands
-within rounding of a CDF boundary may differ, as between any two float32 samplers.
+``draw`` does (in float64, the same uniforms): under Triton's interpreter it draws the naive sampler's
+images in float64 (``tests/test_fused.py``). Compiled, its sums run in another order (tiled products,
+fused multiply-adds, tree reductions), so a draw within rounding of a CDF boundary may differ, as
+between any two samplers in finite precision: ~1e-15 away in float64, ~1e-6 in float32.
 
 Where it runs. On CUDA devices with Triton installed (PyTorch's CUDA builds bring it). On the CPU only
 under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is how
@@ -28,6 +29,8 @@ the tests check it on machines without a GPU.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -38,7 +41,7 @@ from .sampling import _CachedConv, _Pointwise, _Stepper
 
 # Tiles (GPU tuning knobs; any values give the same results). A program streams every weight once per
 # step, from L2: large weight tiles keep enough bytes in flight to hide L2 latency.
-BLOCK_ROWS = 16  # images per program: the smallest M of a tensor-core product
+BLOCK_ROWS = 16  # images per program: the smallest M of tl.dot (and of a bf16/TF32 tensor-core product)
 BLOCK_K = 32  # weight tile [BLOCK_K, BLOCK_N] of every layer's product
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -53,8 +56,9 @@ def _layer(a_ptr, a_stride, K, w_ptr, N, out_ptr, out_stride, rows, bias_ptr, bi
 
     ``a [rows, K]`` and ``out [rows, N]`` have row strides ``a_stride``/``out_stride``; ``w [K, N]`` is
     contiguous; ``bias`` has row stride ``bias_stride`` (0: one bias for every image); ``scale, shift
-    [N]`` are an eval-mode BatchNorm; ``res`` is like ``out`` and must not be ``out`` (nor ``a`` alias
-    ``out``): threads read and write different elements, with no barrier between.
+    [N]`` are an eval-mode BatchNorm, read only if ``AFFINE``; ``res`` is read only if ``RESIDUAL``,
+    laid out like ``out``. Neither ``a`` nor ``res`` may be ``out``: threads read and write different
+    elements, with no barrier between.
     """
     m = tl.arange(0, BLOCK_ROWS)
     m_ok = m < rows
@@ -194,6 +198,20 @@ def _affine(norm: torch.nn.Module, channels: int, dtype, device) -> tuple[torch.
 _ACC = {torch.float64: tl.float64}  # every other dtype accumulates in float32
 
 
+def _torch_matmul_uses_tf32() -> bool:
+    """Whether torch's float32 CUDA matmuls may use TF32. The new setting first: reading the legacy
+    ``allow_tf32`` after the new one was set raises."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 class FusedPixelCNNStepper(_Stepper):
     """The cached sampler's loop (``_Stepper.run``) with each pixel step one ``_pixel_step`` launch."""
 
@@ -241,7 +259,7 @@ class FusedPixelCNNStepper(_Stepper):
                         for n in (2 * h, 2 * h, h, self.levels_pow2)]
         self.acc = _ACC.get(dtype, tl.float32)
         # float32 products as torch does them: TF32 only where torch's own matmuls may use it.
-        self.precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        self.precision = "tf32" if dtype == torch.float32 and _torch_matmul_uses_tf32() else "ieee"
         self.tiles = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
         self.grid = (triton.cdiv(batch, BLOCK_ROWS),)
         self.temperature = None
@@ -268,7 +286,10 @@ class FusedPixelCNNStepper(_Stepper):
     def run(self, u: torch.Tensor, labels: torch.Tensor | None, temperature: float):
         # A device scalar, read by the kernel as float64 (a Python float argument would be float32).
         self.temperature = torch.full((), temperature, dtype=torch.float64, device=u.device)
-        return super().run(u, labels, temperature)
+        # Triton launches on the current device's current stream, not the tensors' device: make it
+        # theirs, so a kernel on cuda:1 gets cuda:1 and follows the library ops of start_row.
+        with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+            return super().run(u, labels, temperature)
 
     def step(self, i, j, c, u, levels, log_prob, input_values, temperature) -> None:
         args, meta = self.kernel_args(i, j, c, u, levels, log_prob, input_values)
@@ -295,5 +316,6 @@ class FusedPixelCNNStepper(_Stepper):
             C=cfg.in_channels, IN_TAPS=self.input_cache.weight_now.shape[0] // cfg.in_channels, HIDDEN=cfg.hidden,
             LEVELS=cfg.levels, LEVELS_POW2=self.levels_pow2, NORM=self.has_norm, ACC=self.acc,
             PRECISION=self.precision, **self.tiles,
+            enable_fp_fusion=True,  # a*b+c as one FMA: Triton's default until 3.10, pinned here
         )
         return args, meta

@@ -88,6 +88,19 @@ def test_a_fused_stepper_reused_for_later_batches_starts_clean():
         assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
 
 
+def test_float32_products_use_tf32_only_where_torch_does():
+    model, cpu = tiny(dtype=torch.float32), torch.device("cpu")
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    assert _stepper(model, 2, torch.float32, cpu, "fused").precision == "ieee"
+    try:
+        matmul.fp32_precision = "tf32"  # torch's new setting: reading the legacy allow_tf32 now raises
+        assert _stepper(model, 2, torch.float32, cpu, "fused").precision == "tf32"
+        assert _stepper(model.double(), 2, torch.float64, cpu, "fused").precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
 def test_fused_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="PixelCNN only, not GatedPixelCNN"):
         sample(GatedPixelCNN(image_size=(3, 3), hidden=8, layers=1).double(), 1, method="fused")
@@ -106,7 +119,7 @@ def compiled_run(script: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], cwd=tests, env=env, capture_output=True, text=True)
 
 
-COMPILE_FOR_H100 = """
+COMPILE_FOR_GPUS = """
 import json, sys, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
@@ -115,31 +128,34 @@ from pixelcnn.fused import _pixel_step
 from pixelcnn.sampling import _stepper
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64", torch.int64: "*i64"}
 report = {}
-for dtype in (torch.float32, torch.bfloat16, torch.float64):
+for dtype, arch in [(d, a) for d in (torch.float32, torch.bfloat16, torch.float64) for a in (90, 86)]:
     model = PixelCNN(hidden=128, blocks=15).to(dtype).eval()  # the reference model, MNIST-sized
     stepper = _stepper(model, 256, dtype, torch.device("cpu"), "fused")
     stepper.temperature = torch.ones((), dtype=torch.float64)
     levels, u = torch.zeros(256, 1, 28, 28, dtype=torch.long), torch.rand(256, 28, 28, 1, dtype=torch.float64)
     args, meta = stepper.kernel_args(3, 5, 0, u, levels, torch.zeros(256, dtype=torch.float64), torch.zeros(256, dtype=dtype))
-    options = {"num_warps": meta.pop("num_warps")}
+    options = {"num_warps": meta.pop("num_warps"), "enable_fp_fusion": meta.pop("enable_fp_fusion")}
     signature = {name: POINTER[a.dtype] if isinstance(a, torch.Tensor) else "i32" for name, a in zip(_pixel_step.arg_names, args)}
     signature.update({name: "constexpr" for name in meta})
-    kernel = compile(ASTSource(_pixel_step, signature, meta), target=GPUTarget("cuda", 90, 32), options=options)
-    report[str(dtype)] = {"shared": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])}
+    kernel = compile(ASTSource(_pixel_step, signature, meta), target=GPUTarget("cuda", arch, 32), options=options)
+    report[f"{dtype} sm_{arch}"] = {"shared": kernel.metadata.shared, "cubin_bytes": len(kernel.asm["cubin"])}
 json.dump(report, sys.stdout)
 """
 
 
-def test_kernel_compiles_for_an_h100():
-    """Compiled ahead of time for sm_90 with Triton's own LLVM and ptxas (no GPU needed): the kernel
-    must lower to a cubin for the reference model in each dtype, within an H100's 227 KiB of shared
+SHARED_PER_BLOCK = {"sm_90": 227 * 1024, "sm_86": 99 * 1024}  # H100; A10G (cluster.yaml's g5 nodes)
+
+
+def test_kernel_compiles_for_an_h100_and_an_a10g():
+    """Compiled ahead of time with Triton's own LLVM and ptxas (no GPU needed) for sm_90 and sm_86: the
+    kernel must lower to a cubin for the reference model in each dtype, within each GPU's shared
     memory per block (a launch that needs more fails)."""
-    out = compiled_run(COMPILE_FOR_H100)
+    out = compiled_run(COMPILE_FOR_GPUS)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
-    assert set(report) == {"torch.float32", "torch.bfloat16", "torch.float64"}
-    for dtype, kernel in report.items():
-        assert kernel["cubin_bytes"] > 0 and kernel["shared"] <= 227 * 1024, (dtype, kernel)
+    assert len(report) == 6
+    for name, kernel in report.items():
+        assert kernel["cubin_bytes"] > 0 and kernel["shared"] <= SHARED_PER_BLOCK[name.split()[-1]], (name, kernel)
 
 
 CUDA_CHECK = """
