@@ -149,10 +149,11 @@ def in_child(fn, *args):
     return result
 
 
-def run_isolated(*args) -> dict:
+def run_isolated(kind: str, method: str, batch: int, device: str, naive_steps: int, full_naive: bool,
+                 tiles: str | None = None) -> dict:
+    args = (kind, method, batch, device, naive_steps, full_naive, tiles)
     # On a GPU, device memory peaks are per configuration already: spare the start-ups, except where
     # the fused kernel's tiles are changed (module settings, so in a process of their own).
-    device, tiles = args[3], args[6] if len(args) > 6 else None
     if device.startswith("cuda") and tiles is None:
         return measure(*args)
     return in_child(measure, *args)

@@ -217,8 +217,6 @@ class FusedPixelCNNStepper(_Stepper):
 
     def __init__(self, model: PixelCNN, batch: int, dtype, device):
         cfg = self.cfg = model.config
-        if not model.blocks:
-            raise ValueError("method='fused' needs a PixelCNN with at least one residual block; use 'cached'")
         self.dtype = dtype
         h, width, blocks = cfg.hidden, cfg.image_size[1], len(model.blocks)
         self.input_cache = _CachedConv.masked(model.input_conv, batch, width, dtype, device)
@@ -227,6 +225,8 @@ class FusedPixelCNNStepper(_Stepper):
         # columns), stacked over blocks: buffer [L, B, 2, 1, W + 2, h], row term [L, B, W, h].
         self.conv_buffer = torch.zeros(blocks, batch, 2, 1, width + 2, h, dtype=dtype, device=device)
         self.conv_term = torch.zeros(blocks, batch, width, h, dtype=dtype, device=device)
+        # The current rows the kernel reads and writes: input [B, cols, C], blocks' [L, B, cols, h].
+        self.in_row, self.conv_row = self.input_cache.buffer[:, -1, 0], self.conv_buffer[:, :, 1, 0]
         taps = [_CachedConv.tap_weights(block.conv.masked_weight()[:, :, :2].to(dtype), pad_left=1)
                 for block in model.blocks]
         self.conv_w = torch.stack([now for now, _ in taps])  # [L, 2h, h]: taps at columns j - 1, j
@@ -297,9 +297,7 @@ class FusedPixelCNNStepper(_Stepper):
 
     def kernel_args(self, i, j, c, u, levels, log_prob, input_values) -> tuple[list, dict]:
         """``_pixel_step``'s arguments for channel c of pixel (i, j): positional, then compile-time."""
-        cfg = self.cfg
-        in_row = self.input_cache.buffer[:, -1, 0]  # [B, cols, C]
-        conv_row = self.conv_buffer[:, :, 1, 0]  # [L, B, cols, h]
+        cfg, in_row, conv_row = self.cfg, self.in_row, self.conv_row
         level_view, u_view = levels[:, c, i, j], u[:, i, j, c]
         args = [
             j, c, u.shape[0],

@@ -203,6 +203,8 @@ def _check_fused(model, device: torch.device) -> None:
     """One clear error where ``method="fused"`` cannot run."""
     if type(model) is not PixelCNN:
         raise ValueError(f"method='fused' samples PixelCNN only, not {type(model).__name__}; use method='cached'")
+    if not model.blocks:
+        raise ValueError("method='fused' needs a PixelCNN with at least one residual block; use method='cached'")
     # Triton compiles for GPUs; its interpreter runs the same kernel on the CPU, slowly (for tests).
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"method='fused' runs on a CUDA device, not {device.type}; use method='cached'")
