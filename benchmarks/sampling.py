@@ -40,6 +40,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = {"mid": dict(hidden=64, blocks=7), "reference": dict(hidden=128, blocks=15)}
 FAST_METHODS = ("cached", "eager", "bf16")  # the cached sampler: graphed, eager, graphed on a bf16 copy
 FUSED_METHODS = ("fused", "fused-bf16")  # method="fused", graphed: float32, bf16 copy (GPU only)
+TILE_KNOBS = ("BLOCK_K", "BLOCK_N", "NUM_WARPS", "NUM_STAGES")  # pixelcnn/fused.py's, as --fused-tiles KxNxW[xS]
+
+
+def parse_tiles(tiles: str) -> list[int]:
+    """``"64x128x4"`` or ``"64x128x4x2"`` -> the values of TILE_KNOBS (the first three or all four)."""
+    parts = tiles.split("x")
+    values = [int(v) if v.isdigit() else 0 for v in parts]
+    if len(values) not in (3, 4) or min(values) < 1 or any(v & (v - 1) for v in values[:3]):
+        raise ValueError(f"--fused-tiles {tiles!r}: want KxNxWARPS[xSTAGES], K, N and WARPS powers of 2 (e.g. 64x128x4)")
+    return values
 
 
 def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, full_naive: bool,
@@ -58,10 +68,11 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     extra = {}
-    if tiles:  # "KxNxW": the fused kernel's BLOCK_K, BLOCK_N, NUM_WARPS for this configuration
+    if tiles:  # the fused kernel's BLOCK_K, BLOCK_N, NUM_WARPS[, NUM_STAGES] for this configuration
         import pixelcnn.fused
 
-        pixelcnn.fused.BLOCK_K, pixelcnn.fused.BLOCK_N, pixelcnn.fused.NUM_WARPS = map(int, tiles.split("x"))
+        for knob, value in zip(TILE_KNOBS, parse_tiles(tiles)):
+            setattr(pixelcnn.fused, knob, value)
         extra["tiles"] = tiles
     if method in FAST_METHODS + FUSED_METHODS:
         fast = copy.deepcopy(model).to(torch.bfloat16) if method.endswith("bf16") else model
@@ -135,17 +146,23 @@ def _peak_mb(gpu: bool) -> float:
 
 
 def _child(queue, fn, *args):
-    queue.put(fn(*args))
+    try:
+        queue.put((True, fn(*args)))
+    except Exception as e:  # sent back, or the parent would wait on the queue for ever
+        queue.put((False, f"{type(e).__name__}: {e}"))
 
 
 def in_child(fn, *args):
-    """``fn(*args)`` in a fresh process: its peak memory is its own (a child inherits its parent's peak)."""
+    """``fn(*args)`` in a fresh process: its peak memory is its own (a child inherits its parent's peak).
+    An exception there is raised here as a RuntimeError with its message."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, *args))
     proc.start()
-    result = queue.get()
+    ok, result = queue.get()
     proc.join()
+    if not ok:
+        raise RuntimeError(result)
     return result
 
 
@@ -159,6 +176,25 @@ def run_isolated(kind: str, method: str, batch: int, device: str, naive_steps: i
     return in_child(measure, *args)
 
 
+def run_tiles(kind: str, method: str, batch: int, device: str, naive_steps: int, tiles: str | None) -> dict:
+    """A fast sampler's row; for a --fused-tiles choice, its error in place of a rate if it fails (tiles
+    that need more shared memory than the GPU has fail to launch), so the sweep goes on."""
+    if tiles is None:
+        return run_isolated(kind, method, batch, device, naive_steps, False)
+    try:
+        return run_isolated(kind, method, batch, device, naive_steps, False, tiles)
+    except RuntimeError as e:
+        return {"model": kind, "method": method, "batch": batch, "tiles": tiles, "error": str(e).splitlines()[0]}
+
+
+def describe(row: dict, naive: dict) -> str:
+    name = row["method"] + (f"[{row['tiles']}]" if "tiles" in row else "")
+    if "error" in row:
+        return f"{name} failed ({row['error']})"
+    return (f"{name} {row['samples_per_s']:9.2f}/s ({row['peak_mb']:6.0f} MB, "
+            f"{row['samples_per_s'] / naive['samples_per_s']:.1f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -168,27 +204,32 @@ def main() -> None:
     p.add_argument("--verify-naive", type=int, default=16,
                    help="also run the naive sampler in full up to this batch (first model only)")
     p.add_argument("--fused-tiles", default="",
-                   help="GPU: also time the fused sampler with these tiles, comma-separated KxNxWARPS (e.g. 64x128x4)")
+                   help="GPU: also time the fused sampler with these tiles, comma-separated KxNxWARPS[xSTAGES] "
+                        "(e.g. 64x128x4,64x128x4x2)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
+    tile_choices = [t for t in args.fused_tiles.split(",") if t]
+    for tiles in tile_choices:
+        try:
+            parse_tiles(tiles)
+        except ValueError as e:
+            p.error(str(e))
     models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
     batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
     # (method, fused kernel tiles or None for its defaults)
     fast_methods = [(m, None) for m in FAST_METHODS + FUSED_METHODS] if gpu else [("cached", None)]
-    fast_methods += [(m, t) for t in args.fused_tiles.split(",") if t and gpu for m in FUSED_METHODS]
+    fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS]
     rows = []
     for kind in models:
         ops = in_child(ops_per_pixel_step, kind)
         rows.append({"model": kind, "ops_per_pixel_step": ops})
         print(f"{kind:9s} cached sampler: {ops:.0f} PyTorch ops per pixel step (views excluded)", flush=True)
         for batch in batches:
-            fast = [run_isolated(kind, m, batch, args.device, args.naive_steps, False, t) for m, t in fast_methods]
+            fast = [run_tiles(kind, m, batch, args.device, args.naive_steps, t) for m, t in fast_methods]
             naive = run_isolated(kind, "naive", batch, args.device, args.naive_steps, False)
             rows += [*fast, naive]
-            line = f"{kind:9s} batch {batch:4d}: " + "  ".join(
-                f"{r['method']}{'[' + r['tiles'] + ']' if 'tiles' in r else ''} {r['samples_per_s']:9.2f}/s "
-                f"({r['peak_mb']:6.0f} MB, {r['samples_per_s'] / naive['samples_per_s']:.1f}x)" for r in fast)
+            line = f"{kind:9s} batch {batch:4d}: " + "  ".join(describe(r, naive) for r in fast)
             line += f"  naive {naive['samples_per_s']:9.4f}/s ({naive['peak_mb']:6.0f} MB, {naive['how']})"
             for r in fast:
                 if "bf16_log_prob_error_bits_per_dim" in r:

@@ -40,11 +40,15 @@ from .models import PixelCNN
 from .sampling import _CachedConv, _Pointwise, _Stepper
 
 # Tiles (GPU tuning knobs; any values give the same results). A program streams every weight once per
-# step, from L2: large weight tiles keep enough bytes in flight to hide L2 latency.
+# step, from L2, so a step's time is L2 latency unless enough bytes are in flight: BLOCK_K x BLOCK_N
+# weight tiles, NUM_STAGES of them loaded ahead. Float32 products (without TF32) run on FMA units with
+# whole tiles in registers and spill past 64x64 (ptxas, sm_90); bf16 and TF32 ones run on tensor cores
+# and do not, up to 128x128. Not yet timed on a GPU: benchmarks/sampling.py --fused-tiles is for that.
 BLOCK_ROWS = 16  # images per program: the smallest M of tl.dot (and of a bf16/TF32 tensor-core product)
 BLOCK_K = 32  # weight tile [BLOCK_K, BLOCK_N] of every layer's product
 BLOCK_N = 64
 NUM_WARPS = 4
+NUM_STAGES = 3  # weight tiles in flight per layer: its loads are pipelined (cp.async) this deep
 
 
 @triton.jit
@@ -260,7 +264,8 @@ class FusedPixelCNNStepper(_Stepper):
         self.acc = _ACC.get(dtype, tl.float32)
         # float32 products as torch does them: TF32 only where torch's own matmuls may use it.
         self.precision = "tf32" if dtype == torch.float32 and _torch_matmul_uses_tf32() else "ieee"
-        self.tiles = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+        self.tiles = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+                          num_stages=NUM_STAGES)
         self.grid = (triton.cdiv(batch, BLOCK_ROWS),)
         self.temperature = None
 
