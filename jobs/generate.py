@@ -10,13 +10,13 @@ The pipeline (the Ray touchpoints are marked below):
 Ids 0..N-1 are cut into shards of --rows-per-file ids; each shard becomes one Parquet file
 ``part-<first id>-<last id>.parquet``. Each actor loads the model once and runs the autoregressive
 sampler over its shard in batches of --batch-size. Image k depends only on (checkpoint, seed, k,
-temperature, labels), so batch size, actor count and retries never change it.
+temperature, labels, dtype), so batch size, actor count and retries never change it.
 
 Exactly once: every file is written whole under a temporary name and renamed (an S3 PUT is atomic
 already), so a visible part file is always complete. A rerun reads the ids already present and
 generates only the missing ones; a retried shard rewrites the same file name with the same rows.
-``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels), and a
-rerun against an output of another checkpoint or seed is refused. Files other than the part files start
+``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels, dtype),
+and a rerun against an output of another checkpoint, seed or dtype is refused. Files other than the part files start
 with ``_`` (``_manifest.json``, ``_preview.png``), which Parquet readers skip, so the whole folder reads
 as one dataset.
 """
@@ -47,7 +47,8 @@ MANIFEST = "_manifest.json"
 PREVIEW = "_preview.png"
 PART_PREFIX = "part-"
 # What determines the images: an output folder holds rows of exactly one such setting.
-IDENTITY = ("model_sha256", "seed", "temperature", "label_probs")
+IDENTITY = ("model_sha256", "seed", "temperature", "label_probs", "dtype")
+MANIFEST_DEFAULTS = {"dtype": "float32"}  # what outputs whose manifest predates a key were made with
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,11 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="model: a run folder or checkpoint (folder or .pt), local or s3://")
     p.add_argument("--num-samples", type=int, required=True, help="generate ids 0..N-1")
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
-    p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label)")
+    p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label, dtype)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
     p.add_argument("--sampler", choices=METHODS, default="cached",
                    help="cached (fast), naive, or fused (PixelCNN on GPU actors: one Triton kernel per pixel step); "
                         "all draw the same images, up to float rounding at CDF boundaries")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision the model samples in: bfloat16 is faster on GPUs (tensor cores, half the bytes); "
+                        "its draws differ from float32's where one lands near a CDF boundary, so its images differ, "
+                        "and log_prob is the bfloat16 model's")
     p.add_argument("--batch-size", type=int,
                    help="images sampled together on one actor (default: 4096 for the cached and fused samplers on GPU actors, else 256)")
     p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
@@ -181,10 +186,11 @@ def check_manifest(output: Storage, manifest: dict) -> None:
             raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
         return
     stored = json.loads(stored)
-    changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
+    changed = [k for k in IDENTITY if stored.get(k, MANIFEST_DEFAULTS.get(k)) != manifest[k]]
     if changed:
         raise JobError(
-            f"{output.uri} holds samples of another request ({', '.join(f'{k} {stored.get(k)!r}' for k in changed)}): "
+            f"{output.uri} holds samples of another request "
+            f"({', '.join(f'{k} {stored.get(k, MANIFEST_DEFAULTS.get(k))!r}' for k in changed)}): "
             "use another --output"
         )
 
@@ -208,7 +214,8 @@ class SampleShards:
         self.device = torch.device("cuda" if settings["gpus_per_actor"] > 0 else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(settings["cpus_per_actor"])))
-        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device)
+        dtype = getattr(torch, settings["dtype"])
+        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device, dtype)
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -223,7 +230,7 @@ class SampleShards:
             )
             tables.append(sample_table(
                 ids, out.images, out.log_prob, labels, seed=s["seed"], temperature=s["temperature"],
-                sampler=s["sampler"], checkpoint=s["checkpoint"], model_sha256=s["model_sha256"],
+                sampler=s["sampler"], dtype=s["dtype"], checkpoint=s["checkpoint"], model_sha256=s["model_sha256"],
             ))
         return pa.concat_tables(tables)
 
@@ -279,7 +286,7 @@ def main(argv=None) -> dict:
         check_writable(output)
         manifest = {
             "checkpoint": checkpoint_uri, "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
-            "seed": args.seed, "temperature": args.temperature, "label_probs": probs,
+            "seed": args.seed, "temperature": args.temperature, "label_probs": probs, "dtype": args.dtype,
             "data_shape": ckpt["data_shape"], "rows_per_file": args.rows_per_file,
         }
         check_manifest(output, manifest)
@@ -327,7 +334,8 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
     claim_output(output, manifest)
     settings = {
-        "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "batch_size": args.batch_size,
+        "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "dtype": args.dtype,
+        "batch_size": args.batch_size,
         "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],
         "model_sha256": manifest["model_sha256"], "gpus_per_actor": args.gpus_per_actor, "cpus_per_actor": cpus,
     }

@@ -2,7 +2,7 @@
 
 | column        | type                 | meaning                                                       |
 |---------------|----------------------|---------------------------------------------------------------|
-| id            | int64                | sample id k in 0..N-1; the image depends only on (checkpoint, seed, k, sampler settings) |
+| id            | int64                | sample id k in 0..N-1; the image depends only on (checkpoint, seed, k, temperature, label, dtype) |
 | seed          | int64                | the request's seed                                            |
 | image_png     | binary               | lossless PNG of the uint8 image (grayscale "L" or "RGB")      |
 | height, width, channels | int32      | image shape                                                   |
@@ -11,6 +11,7 @@
 | bits_per_dim  | float64              | -log_prob / (H * W * C * ln 2)                                 |
 | temperature   | float64              | softmax temperature used to draw                              |
 | sampler       | string               | "cached", "naive" or "fused" (the same images, up to float ties) |
+| dtype         | string               | "float32" or "bfloat16": the precision the model sampled in (and log_prob's) |
 | checkpoint    | string               | URI of the checkpoint                                         |
 | model_sha256  | string               | SHA-256 of the checkpoint file                                |
 | created_at    | timestamp[us, UTC]   | when the row was made                                         |
@@ -39,6 +40,7 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("bits_per_dim", pa.float64(), nullable=False),
     pa.field("temperature", pa.float64(), nullable=False),
     pa.field("sampler", pa.string(), nullable=False),
+    pa.field("dtype", pa.string(), nullable=False),
     pa.field("checkpoint", pa.string(), nullable=False),
     pa.field("model_sha256", pa.string(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -77,6 +79,7 @@ def sample_table(
     seed: int,
     temperature: float,
     sampler: str,
+    dtype: str,
     checkpoint: str,
     model_sha256: str,
 ) -> pa.Table:
@@ -96,6 +99,7 @@ def sample_table(
         "bits_per_dim": -log_prob / (channels * height * width * math.log(2)),
         "temperature": np.full(n, temperature, dtype=np.float64),
         "sampler": [sampler] * n,
+        "dtype": [dtype] * n,
         "checkpoint": [checkpoint] * n,
         "model_sha256": [model_sha256] * n,
         "created_at": [created] * n,

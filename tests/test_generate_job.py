@@ -1,5 +1,6 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
+import json
 import subprocess
 import time
 
@@ -74,6 +75,7 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
         assert abs(row["log_prob"] - expected.log_prob[k].item()) < 1e-3
         assert abs(row["bits_per_dim"] + row["log_prob"] / (120 * np.log(2))) < 1e-9
         assert row["seed"] == 7 and row["label"] is None and row["temperature"] == 1.0 and row["sampler"] == "cached"
+        assert row["dtype"] == "float32"
         assert row["checkpoint"] == "s3://pixelcnn/models/plain/model.pt" and row["model_sha256"] == sha
         assert row["created_at"].tzinfo is not None
     preview = s3.client.get_object(Bucket="pixelcnn", Key="samples/a/_preview.png")["Body"].read()
@@ -114,6 +116,40 @@ def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, local_
     expected = sample(load_model(checkpoints["plain"]), 50, seed=7, batch_size=50)
     images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
     assert np.array_equal(images, expected.images.numpy())
+
+
+def test_bfloat16_samples_and_a_rerun_in_float32_is_refused(s3, checkpoints, local_ray_env, tmp_path):
+    """--dtype bfloat16 samples with a bfloat16 copy of the model; an output holds one dtype only."""
+    out = tmp_path / "bf16"
+    run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 30, "--output", out, "--seed", 3,
+            "--dtype", "bfloat16", "--rows-per-file", 30, env=local_ray_env)
+    table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+    assert set(table.column("dtype").to_pylist()) == {"bfloat16"}
+    images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
+    model = load_model(checkpoints["plain"])
+    float32 = sample(model, 30, seed=3)
+    bfloat16 = sample(model.to(torch.bfloat16), 30, seed=3)
+    assert np.array_equal(images, bfloat16.images.numpy())
+    assert not np.array_equal(images, float32.images.numpy()), "the job sampled in float32"
+    assert np.allclose(table.column("log_prob").to_numpy(), bfloat16.log_prob.numpy(), atol=1e-3)
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    proc = run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 60, "--output", out,
+                   "--seed", 3, env=local_ray_env, check=False)
+    assert "holds samples of another request (dtype 'bfloat16')" in one_error_line(proc)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_an_output_whose_manifest_predates_dtype_was_float32(tmp_path):
+    from jobs.common import JobError, open_storage
+    from jobs.generate import MANIFEST, check_manifest
+
+    manifest = {"model_sha256": "ab", "seed": 1, "temperature": 1.0, "label_probs": None}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    output = open_storage(str(tmp_path), None)
+    check_manifest(output, {**manifest, "dtype": "float32"})
+    with pytest.raises(JobError, match="dtype 'float32'"):
+        check_manifest(output, {**manifest, "dtype": "bfloat16"})
 
 
 def test_conditional_labels(s3, checkpoints, local_ray_env, tmp_path):
