@@ -30,6 +30,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The jobs' flags: --help shows defaults; a bad flag is one ``error:`` line, exit status 2, like
+    every other refusal (argparse would print its usage first)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (see --help)")
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)

@@ -38,7 +38,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import HelpFormatter, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -52,7 +52,7 @@ MANIFEST_DEFAULTS = {"dtype": "float32"}  # what outputs whose manifest predates
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="model: a run folder or checkpoint (folder or .pt), local or s3://")
     p.add_argument("--num-samples", type=int, required=True, help="generate ids 0..N-1")
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
@@ -110,11 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
     """The checkpoint's bytes from a run folder, checkpoint folder or .pt file, local or on S3."""
     storage = open_storage(uri, endpoint)
-    folder, name = storage, MODEL_FILE
-    if storage.path.endswith(".pt"):
-        parent, name = storage.uri.rsplit("/", 1)
-        folder = open_storage(parent, endpoint)
     try:
+        folder, name = storage, MODEL_FILE
+        if storage.path.endswith(".pt") or storage.fs.get_file_info(storage.path).type == pa.fs.FileType.File:
+            parent, name = storage.uri.rsplit("/", 1)  # a file: the checkpoint itself, whatever its name
+            folder = open_storage(parent, endpoint)
         data = folder.read(name)
     except OSError as error:
         raise JobError(f"cannot read checkpoint {storage.uri}: {' '.join(str(error).split())[:300]}") from None
@@ -296,7 +296,7 @@ def main(argv=None) -> dict:
         if todo:
             run_pipeline(args, output, checkpoint, manifest, shards)
         seconds = time.perf_counter() - started
-        total = len(existing_ids(output))
+        total, files = len(existing_ids(output)), len(part_files(output))
         if args.preview and (todo or output.read(PREVIEW) is None):  # a finished rerun writes nothing
             write_preview(output, min(args.preview, args.num_samples))
     except (JobError, CheckpointError) as error:
@@ -307,11 +307,11 @@ def main(argv=None) -> dict:
         shutdown_ray()
     summary = {
         "samples": todo, "seconds": round(seconds, 3), "samples_per_s": round(todo / seconds, 2) if todo else 0.0,
-        "rows_per_file": args.rows_per_file, "total_rows": total, "output": output.uri,
+        "total_rows": total, "files": files, "output": output.uri,
     }
     print(
-        f"generated {todo} samples in {seconds:.1f} s ({summary['samples_per_s']:.1f} samples/s), "
-        f"{args.rows_per_file} rows per file, {total} rows in {output.uri}",
+        f"generated {todo} samples in {seconds:.1f} s ({summary['samples_per_s']:.1f} samples/s); "
+        f"{output.uri} holds {total} rows in {files} files",
         flush=True,
     )
     print(json.dumps(summary), flush=True)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import HelpFormatter, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -40,7 +40,7 @@ RUN_IDENTITY = (
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     d = TrainConfig()
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data")

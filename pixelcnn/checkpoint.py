@@ -86,7 +86,8 @@ def _load_error(error: Exception) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
         detail = detail.split(". ", 1)[0].strip().rstrip(".")
         return f"refused by the weights-only loader: {detail[:200] or 'unsupported content'}"
-    return text[:200] or type(error).__name__
+    first = text.split(". ", 1)[0].rstrip(".")  # torch's own advice follows its first sentence
+    return first[:200] or type(error).__name__
 
 
 def load_checkpoint(source: str | os.PathLike | bytes, *, name: str | None = None, map_location="cpu") -> dict:

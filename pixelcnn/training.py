@@ -128,6 +128,8 @@ class TrainConfig:
         for name in ("subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.subset is not None and self.subset < self.batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} exceeds --subset {self.subset}: not one full batch to train on")
         for name in ("grid_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ MNIST_ROOT = Path(os.environ.get("PIXELCNN_MNIST_ROOT", REPO.parent / "shared" /
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    assert (MNIST_ROOT / "MNIST" / "raw").is_dir(), f"MNIST not found under {MNIST_ROOT}"
+    assert (MNIST_ROOT / "MNIST" / "raw").is_dir(), f"MNIST not found under {MNIST_ROOT}: set PIXELCNN_MNIST_ROOT"
     return MNIST_ROOT
 
 

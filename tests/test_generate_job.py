@@ -59,7 +59,7 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
     )
     summary = last_json_line(proc.stdout)
     assert summary["samples"] == 240 and summary["total_rows"] == 240 and summary["output"] == "s3://pixelcnn/samples/a"
-    assert "generated 240 samples" in proc.stdout
+    assert summary["files"] == 6 and "generated 240 samples" in proc.stdout
     table, files = read_rows(s3, "samples/a/")
     assert len(files) == 6 and files[0].endswith("part-000000000000-000000000039.parquet")
     assert pq.read_schema(files[0], filesystem=s3_fs(s3)).equals(SAMPLE_SCHEMA)
@@ -199,8 +199,8 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
     assert table.column("id").to_pylist() == list(range(20))
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "bucket", "zero", "fused-cpu", "label", "unconditional", "gpus",
-                                  "other-seed"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
+                                  "unconditional", "gpus", "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -209,6 +209,9 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     elif case == "corrupt":
         ckpt = tmp_path / "bad.pt"
         ckpt.write_bytes(checkpoints["plain"].read_bytes()[:500])
+    elif case == "not-a-checkpoint":  # an existing file of another kind, whatever its name
+        ckpt = tmp_path / "config.json"
+        ckpt.write_text("{}")
     elif case == "bucket":
         out = "s3://no-such-bucket/samples"
     elif case == "zero":
@@ -226,19 +229,18 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         extra = ["--seed", 2]
     proc = run_job("generate.py", "--checkpoint", ckpt, "--output", out, *(extra or ["--num-samples", 4]),
                    *(["--num-samples", 4] if extra and "--num-samples" not in extra else []), env=env, check=False)
-    if case in ("zero", "fused-cpu"):  # argparse's usage error
-        message = {"zero": "--num-samples must be >= 1", "fused-cpu": "--sampler fused runs on GPU actors"}[case]
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert not out.exists()
-        return
     line = one_error_line(proc)
     expected = {
         "missing": "checkpoint not found", "corrupt": "corrupt", "bucket": "bucket 'no-such-bucket' does not exist",
+        "not-a-checkpoint": "config.json is corrupt or not a PixelCNN checkpoint",
+        "zero": "--num-samples must be >= 1", "fused-cpu": "--sampler fused runs on GPU actors",
         "label": "--label 10 is not a class", "unconditional": "unconditional", "other-seed": "seed 1",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
     }[case]
     assert expected in line, line
-    if case == "bucket":
+    assert "usage:" not in proc.stderr and "If you are seeing this error" not in line, proc.stderr  # torch's advice cut
+    if case in ("bucket", "zero", "fused-cpu"):
+        assert case == "bucket" or not out.exists()
         return
     files = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if case == "other-seed":  # the first request's output, untouched
