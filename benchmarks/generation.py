@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/generation.py                                    # CPU
     .venv/bin/python benchmarks/generation.py --gpus-per-actor 1 --num-actors 1 \\
         --hidden 128 --blocks 15 --num-samples 200000 --batch-size 1024          # one GPU
+    ... --sampler fused --dtype bfloat16                                         # the job's faster GPU settings
 
 The bare loop is ``pixelcnn.sample`` in this process using every CPU thread (or the GPU). The job is
 ``jobs/generate.py`` with an in-process Ray: actors, PNG encoding, Parquet writes and Ray's start-up
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from pixelcnn import PixelCNN, load_model, sample  # noqa: E402
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint  # noqa: E402
+from pixelcnn.sampling import METHODS  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +40,8 @@ def main() -> None:
     p.add_argument("--rows-per-file", type=int, default=1024)
     p.add_argument("--num-actors", type=int, default=2)
     p.add_argument("--gpus-per-actor", type=float, default=0)
+    p.add_argument("--sampler", choices=METHODS, default="cached", help="as generate.py's (fused: GPU only)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as generate.py's")
     args = p.parse_args()
     device = "cuda" if args.gpus_per_actor else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,16 +50,18 @@ def main() -> None:
             torch.manual_seed(0)
             checkpoint = os.path.join(tmp, "model.pt")
             save_checkpoint(checkpoint, checkpoint_dict(PixelCNN(hidden=args.hidden, blocks=args.blocks), step=0))
-        model = load_model(checkpoint, device=device)
+        model = load_model(checkpoint, device=device).to(getattr(torch, args.dtype))
 
         # The bare loop: the same samples (ids 0..N-1, same batch size) in this process.
-        sample(model, min(args.batch_size, 8), batch_size=args.batch_size)  # warm-up
+        opts = dict(batch_size=args.batch_size, method=args.sampler)
+        sample(model, min(args.batch_size, 8), **opts)  # warm-up
         start = time.perf_counter()
-        sample(model, args.num_samples, batch_size=args.batch_size)
+        sample(model, args.num_samples, **opts)
         if device == "cuda":
             torch.cuda.synchronize()
         bare = args.num_samples / (time.perf_counter() - start)
-        print(f"bare sampler loop: {bare:.1f} samples/s ({torch.get_num_threads()} threads, {device})", flush=True)
+        print(f"bare sampler loop: {bare:.1f} samples/s ({torch.get_num_threads()} threads, {device}, {args.sampler}, "
+              f"{args.dtype})", flush=True)
 
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.setdefault("RAY_AUTH_MODE", "disabled")
@@ -65,6 +71,7 @@ def main() -> None:
             "--num-samples", str(args.num_samples), "--output", os.path.join(tmp, "out"),
             "--batch-size", str(args.batch_size), "--rows-per-file", str(args.rows_per_file),
             "--num-actors", str(args.num_actors), "--gpus-per-actor", str(args.gpus_per_actor),
+            "--sampler", args.sampler, "--dtype", args.dtype,
         ]
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
         if job.returncode:

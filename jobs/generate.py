@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int,
                    help="images sampled together on one actor (default: 4096 for the cached and fused samplers on GPU actors, else 256)")
     p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
-    p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size)")
+    p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size; at most one per shard left to write)")
     p.add_argument("--min-actors", type=int, help="autoscaling pool: at least this many actors")
     p.add_argument("--max-actors", type=int, help="autoscaling pool: at most this many actors")
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor; 0 runs CPU actors")
@@ -322,14 +322,18 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     import ray
 
     init_ray(args.address)
+    # No more actors than shards: an idle one would only start up, and hold its GPU, for nothing.
+    num_actors = min(args.num_actors, len(shards))
+    min_actors = None if args.min_actors is None else min(args.min_actors, len(shards))
+    max_actors = None if args.max_actors is None else min(args.max_actors, len(shards))
     cpus = args.cpus_per_actor
     if cpus is None:
-        actors = args.max_actors or args.num_actors
+        actors = max_actors or num_actors
         # CPU actors get fractional CPUs, leaving room for the tasks that feed and write the pool:
         # a pool that takes every CPU hangs.
         cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
     have = ray.cluster_resources()
-    need_gpus = args.gpus_per_actor * (args.min_actors or args.num_actors)
+    need_gpus = args.gpus_per_actor * (min_actors or num_actors)
     if need_gpus > have.get("GPU", 0):
         raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
     claim_output(output, manifest)
@@ -340,8 +344,8 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         "model_sha256": manifest["model_sha256"], "gpus_per_actor": args.gpus_per_actor, "cpus_per_actor": cpus,
     }
     pool = (
-        ray.data.ActorPoolStrategy(min_size=args.min_actors, max_size=args.max_actors)
-        if args.min_actors is not None else ray.data.ActorPoolStrategy(size=args.num_actors)
+        ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors)
+        if min_actors is not None else ray.data.ActorPoolStrategy(size=num_actors)
     )
     items = [{"start": start, "end": end} for start, end in shards]
     # Ray touchpoints: one input row per shard; each actor call samples one shard (-> one file).

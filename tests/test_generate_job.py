@@ -222,8 +222,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         ckpt, extra = checkpoints["cond"], ["--label", 10]
     elif case == "unconditional":
         extra = ["--label", 1]
-    elif case == "gpus":
-        extra = ["--gpus-per-actor", 1]
+    elif case == "gpus":  # 4 samples are one shard: one actor, however many are asked for
+        extra = ["--gpus-per-actor", 1, "--num-actors", 4]
     elif case == "other-seed":
         run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
         extra = ["--seed", 2]
