@@ -34,6 +34,7 @@ import platform
 import resource
 import sys
 import time
+from queue import Empty
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -159,7 +160,14 @@ def in_child(fn, *args):
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, *args))
     proc.start()
-    ok, result = queue.get()
+    while True:
+        try:
+            ok, result = queue.get(timeout=1)
+            break
+        except Empty:  # a child killed outright (a crash, out of memory) sends nothing
+            if not proc.is_alive() and queue.empty():
+                ok, result = False, f"the child process died (exit code {proc.exitcode})"
+                break
     proc.join()
     if not ok:
         raise RuntimeError(result)

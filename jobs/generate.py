@@ -48,7 +48,6 @@ PREVIEW = "_preview.png"
 PART_PREFIX = "part-"
 # What determines the images: an output folder holds rows of exactly one such setting.
 IDENTITY = ("model_sha256", "seed", "temperature", "label_probs", "dtype")
-MANIFEST_DEFAULTS = {"dtype": "float32"}  # what outputs whose manifest predates a key were made with
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=10000, help="ids per Parquet file (one actor task each)")
     p.add_argument("--num-actors", type=int, default=1, help="sampler actors (fixed pool size; at most one per shard left to write)")
     p.add_argument("--min-actors", type=int, help="autoscaling pool: at least this many actors")
-    p.add_argument("--max-actors", type=int, help="autoscaling pool: at most this many actors")
+    p.add_argument("--max-actors", type=int, help="autoscaling pool: at most this many actors (and no more than the shards left to write)")
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor; 0 runs CPU actors")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, leaving room for writes)")
     p.add_argument("--label", type=int, help="conditional models: the class of every sample")
@@ -110,17 +109,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
     """The checkpoint's bytes from a run folder, checkpoint folder or .pt file, local or on S3."""
     storage = open_storage(uri, endpoint)
+    candidates = [] if storage.path.endswith(".pt") else [(storage, MODEL_FILE)]  # a run or checkpoint folder
+    if "/" in storage.path.strip("/"):  # or the checkpoint file itself, whatever its name
+        parent, name = storage.uri.rsplit("/", 1)
+        candidates.append((open_storage(parent, endpoint), name))
     try:
-        folder, name = storage, MODEL_FILE
-        if storage.path.endswith(".pt") or storage.fs.get_file_info(storage.path).type == pa.fs.FileType.File:
-            parent, name = storage.uri.rsplit("/", 1)  # a file: the checkpoint itself, whatever its name
-            folder = open_storage(parent, endpoint)
-        data = folder.read(name)
+        for folder, name in candidates:
+            data = folder.read(name)
+            if data is not None:
+                return f"{folder.uri}/{name}", data
     except OSError as error:
         raise JobError(f"cannot read checkpoint {storage.uri}: {' '.join(str(error).split())[:300]}") from None
-    if data is None:
-        raise JobError(f"checkpoint not found: {folder.uri}/{name}")
-    return f"{folder.uri}/{name}", data
+    raise JobError(f"checkpoint not found: {storage.uri} (neither a checkpoint file nor a folder holding {MODEL_FILE})")
 
 
 def label_probs(args, num_classes: int) -> list[float] | None:
@@ -186,11 +186,12 @@ def check_manifest(output: Storage, manifest: dict) -> None:
             raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
         return
     stored = json.loads(stored)
-    changed = [k for k in IDENTITY if stored.get(k, MANIFEST_DEFAULTS.get(k)) != manifest[k]]
+    if "dtype" not in stored:  # its part files lack the dtype column: new ones would not read as one dataset
+        raise JobError(f"{output.uri} was written by an older generate.py (no dtype column): use another --output")
+    changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
     if changed:
         raise JobError(
-            f"{output.uri} holds samples of another request "
-            f"({', '.join(f'{k} {stored.get(k, MANIFEST_DEFAULTS.get(k))!r}' for k in changed)}): "
+            f"{output.uri} holds samples of another request ({', '.join(f'{k} {stored.get(k)!r}' for k in changed)}): "
             "use another --output"
         )
 
