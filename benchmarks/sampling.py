@@ -214,6 +214,8 @@ def main() -> None:
     p.add_argument("--fused-tiles", default="",
                    help="GPU: also time the fused sampler with these tiles, comma-separated KxNxWARPS[xSTAGES] "
                         "(e.g. 64x128x4,64x128x4x2)")
+    p.add_argument("--methods", help="comma-separated fast samplers to time (default: all the device has: cached on "
+                                     "CPU; cached, eager, bf16, fused, fused-bf16 on a GPU); naive is always timed")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     gpu = args.device.startswith("cuda")
@@ -226,8 +228,12 @@ def main() -> None:
     models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
     batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
     # (method, fused kernel tiles or None for its defaults)
-    fast_methods = [(m, None) for m in FAST_METHODS + FUSED_METHODS] if gpu else [("cached", None)]
-    fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS]
+    available = FAST_METHODS + FUSED_METHODS if gpu else ("cached",)
+    methods = args.methods.split(",") if args.methods else list(available)
+    if set(methods) - set(available):
+        p.error(f"--methods: {','.join(sorted(set(methods) - set(available)))} not among {','.join(available)} on {args.device}")
+    fast_methods = [(m, None) for m in methods]
+    fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS if m in methods]
     rows = []
     for kind in models:
         ops = in_child(ops_per_pixel_step, kind)
