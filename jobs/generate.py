@@ -16,9 +16,9 @@ Exactly once: every file is written whole under a temporary name and renamed (an
 already), so a visible part file is always complete. A rerun reads the ids already present and
 generates only the missing ones; a retried shard rewrites the same file name with the same rows.
 ``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels, dtype),
-and a rerun against an output of another checkpoint, seed or dtype is refused. Files other than the part files start
-with ``_`` (``_manifest.json``, ``_preview.png``), which Parquet readers skip, so the whole folder reads
-as one dataset.
+and a rerun against an output of another checkpoint, seed or dtype is refused. Files other than the
+part files start with ``_`` (``_manifest.json``, ``_preview.png``), which Parquet readers skip, so the
+whole folder reads as one dataset.
 """
 
 from __future__ import annotations
@@ -340,8 +340,7 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     claim_output(output, manifest)
     settings = {
         "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],
+        "batch_size": args.batch_size, "label_probs": manifest["label_probs"], "checkpoint": manifest["checkpoint"],
         "model_sha256": manifest["model_sha256"], "gpus_per_actor": args.gpus_per_actor, "cpus_per_actor": cpus,
     }
     pool = (
