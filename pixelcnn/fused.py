@@ -43,7 +43,8 @@ from .sampling import _CachedConv, _Pointwise, _Stepper
 # step, from L2, so a step's time is L2 latency unless enough bytes are in flight: BLOCK_K x BLOCK_N
 # weight tiles, NUM_STAGES of them loaded ahead. Float32 products (without TF32) run on FMA units with
 # whole tiles in registers and spill past 64x64 (ptxas, sm_90); bf16 and TF32 ones run on tensor cores
-# and do not, up to 128x128. Not yet timed on a GPU: benchmarks/sampling.py --fused-tiles is for that.
+# and barely do, up to 128x128 (benchmarks/fused_compile.py prints each choice's resources, no GPU needed).
+# Not yet timed on a GPU: benchmarks/sampling.py --fused-tiles is for that.
 BLOCK_ROWS = 16  # images per program: the smallest M of tl.dot (and of a bf16/TF32 tensor-core product)
 BLOCK_K = 32  # weight tile [BLOCK_K, BLOCK_N] of every layer's product
 BLOCK_N = 64
