@@ -45,10 +45,10 @@ def compile_kernel(dtype: torch.dtype, precision: str, arch: int) -> dict:
     """Compile the reference model's pixel step for ``arch`` with the module's current tiles."""
     model = PixelCNN(hidden=128, blocks=15).to(dtype).eval()
     stepper = _stepper(model, 256, dtype, torch.device("cpu"), "fused")
-    stepper.temperature, stepper.precision = torch.ones((), dtype=torch.float64), precision
+    stepper.temperature, stepper.meta["PRECISION"] = torch.ones((), dtype=torch.float64), precision
     levels, u = torch.zeros(256, 1, 28, 28, dtype=torch.long), torch.rand(256, 28, 28, 1, dtype=torch.float64)
-    args, meta = stepper.kernel_args(3, 5, 0, u, levels, torch.zeros(256, dtype=torch.float64),
-                                     torch.zeros(256, dtype=dtype))
+    args = stepper.kernel_args(3, 5, 0, u, levels, torch.zeros(256, dtype=torch.float64), torch.zeros(256, dtype=dtype))
+    meta = dict(stepper.meta)
     options = {name: meta.pop(name) for name in ("num_warps", "num_stages", "enable_fp_fusion")}
     kernel = pixelcnn.fused._pixel_step
     signature, attrs = {}, {}
@@ -98,7 +98,7 @@ def main() -> None:
         for arch in map(int, args.arch.split(",")):
             for dtype, precision in KERNELS:
                 row = {"tiles": "x".join(str(getattr(pixelcnn.fused, knob)) for knob in TILE_KNOBS),
-                       "gpu": f"sm_{arch} ({ARCHS.get(arch, '?')})", "dtype": str(dtype).removeprefix("torch."),
+                       "arch": arch, "gpu": ARCHS.get(arch, "?"), "dtype": str(dtype).removeprefix("torch."),
                        "precision": precision}
                 try:
                     row.update(compile_kernel(dtype, precision, arch))

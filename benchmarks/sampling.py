@@ -187,11 +187,11 @@ def run_isolated(kind: str, method: str, batch: int, device: str, naive_steps: i
 def run_tiles(kind: str, method: str, batch: int, device: str, naive_steps: int, tiles: str | None) -> dict:
     """A fast sampler's row; for a --fused-tiles choice, its error in place of a rate if it fails (tiles
     that need more shared memory than the GPU has fail to launch), so the sweep goes on."""
-    if tiles is None:
-        return run_isolated(kind, method, batch, device, naive_steps, False)
     try:
         return run_isolated(kind, method, batch, device, naive_steps, False, tiles)
     except RuntimeError as e:
+        if tiles is None:
+            raise
         return {"model": kind, "method": method, "batch": batch, "tiles": tiles, "error": str(e).splitlines()[0]}
 
 
@@ -227,12 +227,11 @@ def main() -> None:
             p.error(str(e))
     models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
     batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
-    # (method, fused kernel tiles or None for its defaults)
     available = FAST_METHODS + FUSED_METHODS if gpu else ("cached",)
     methods = args.methods.split(",") if args.methods else list(available)
     if set(methods) - set(available):
         p.error(f"--methods: {','.join(sorted(set(methods) - set(available)))} not among {','.join(available)} on {args.device}")
-    fast_methods = [(m, None) for m in methods]
+    fast_methods = [(m, None) for m in methods]  # (method, fused kernel tiles or None for its defaults)
     fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS if m in methods]
     rows = []
     for kind in models:

@@ -243,7 +243,6 @@ class FusedPixelCNNStepper(_Stepper):
         expand = [_Pointwise(block.expand, dtype) for block in model.blocks]
         self.reduce_w, self.reduce_b = torch.stack([p.weight for p in reduce]), torch.stack([p.bias for p in reduce])
         self.expand_w, self.expand_b = torch.stack([p.weight for p in expand]), torch.stack([p.bias for p in expand])
-        self.has_norm = cfg.norm != "none"
         # (scale, shift) of norm1, norm2, norm3, each stacked over blocks
         self.norms = [
             [torch.stack(part) for part in zip(*(_affine(getattr(block, name), width_, dtype, device)
@@ -262,11 +261,15 @@ class FusedPixelCNNStepper(_Stepper):
         # Per-image scratch rows (the kernel's x, y, t, logits).
         self.scratch = [torch.empty(batch, n, dtype=dtype, device=device)
                         for n in (2 * h, 2 * h, h, self.levels_pow2)]
-        self.acc = _ACC.get(dtype, tl.float32)
-        # float32 products as torch does them: TF32 only where torch's own matmuls may use it.
-        self.precision = "tf32" if dtype == torch.float32 and _torch_matmul_uses_tf32() else "ieee"
-        self.tiles = dict(BLOCK_ROWS=BLOCK_ROWS, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-                          num_stages=NUM_STAGES)
+        # The kernel's compile-time arguments: the same for every step.
+        self.meta = dict(
+            C=cfg.in_channels, IN_TAPS=self.input_cache.weight_now.shape[0] // cfg.in_channels, HIDDEN=h,
+            LEVELS=cfg.levels, LEVELS_POW2=self.levels_pow2, NORM=cfg.norm != "none", ACC=_ACC.get(dtype, tl.float32),
+            # float32 products as torch does them: TF32 only where torch's own matmuls may use it.
+            PRECISION="tf32" if dtype == torch.float32 and _torch_matmul_uses_tf32() else "ieee",
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            enable_fp_fusion=True,  # a*b+c as one FMA: Triton's default until 3.10, pinned here
+        )
         self.grid = (triton.cdiv(batch, BLOCK_ROWS),)
         self.temperature = None
 
@@ -298,14 +301,13 @@ class FusedPixelCNNStepper(_Stepper):
             return super().run(u, labels, temperature)
 
     def step(self, i, j, c, u, levels, log_prob, input_values, temperature) -> None:
-        args, meta = self.kernel_args(i, j, c, u, levels, log_prob, input_values)
-        _pixel_step[self.grid](*args, **meta)
+        _pixel_step[self.grid](*self.kernel_args(i, j, c, u, levels, log_prob, input_values), **self.meta)
 
-    def kernel_args(self, i, j, c, u, levels, log_prob, input_values) -> tuple[list, dict]:
-        """``_pixel_step``'s arguments for channel c of pixel (i, j): positional, then compile-time."""
-        cfg, in_row, conv_row = self.cfg, self.in_row, self.conv_row
+    def kernel_args(self, i, j, c, u, levels, log_prob, input_values) -> list:
+        """``_pixel_step``'s positional arguments for channel c of pixel (i, j) (``meta``: the rest)."""
+        in_row, conv_row = self.in_row, self.conv_row
         level_view, u_view = levels[:, c, i, j], u[:, i, j, c]
-        args = [
+        return [
             j, c, u.shape[0],
             in_row, in_row.stride(0), self.input_cache.row_term, self.input_cache.row_term.stride(0),
             self.input_cache.weight_now, self.in_scale, self.in_shift,
@@ -316,10 +318,3 @@ class FusedPixelCNNStepper(_Stepper):
             *self.scratch,
             u_view, u_view.stride(0), self.temperature, level_view, level_view.stride(0), log_prob, input_values,
         ]
-        meta = dict(
-            C=cfg.in_channels, IN_TAPS=self.input_cache.weight_now.shape[0] // cfg.in_channels, HIDDEN=cfg.hidden,
-            LEVELS=cfg.levels, LEVELS_POW2=self.levels_pow2, NORM=self.has_norm, ACC=self.acc,
-            PRECISION=self.precision, **self.tiles,
-            enable_fp_fusion=True,  # a*b+c as one FMA: Triton's default until 3.10, pinned here
-        )
-        return args, meta
