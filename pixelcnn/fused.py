@@ -43,7 +43,7 @@ from .sampling import _CachedConv, _Pointwise, _Stepper
 # step, from L2, so a step's time is L2 latency unless enough bytes are in flight: BLOCK_K x BLOCK_N
 # weight tiles, NUM_STAGES of them loaded ahead. Float32 products (without TF32) run on FMA units with
 # whole tiles in registers and spill past 64x64 (ptxas, sm_90); bf16 and TF32 ones run on tensor cores
-# and barely do, up to 128x128 (benchmarks/fused_compile.py prints each choice's resources, no GPU needed).
+# and do not, up to 128x128 (benchmarks/fused_compile.py prints each choice's resources, no GPU needed).
 # Not yet timed on a GPU: benchmarks/sampling.py --fused-tiles is for that.
 BLOCK_ROWS = 16  # images per program: the smallest M of tl.dot (and of a bf16/TF32 tensor-core product)
 BLOCK_K = 32  # weight tile [BLOCK_K, BLOCK_N] of every layer's product
@@ -101,8 +101,8 @@ def _pixel_step(
     j, c, batch,
     # the input conv: its current row's buffer [B, cols, C] (taps in place), row term [B, W, 2h], weight, norm
     in_row_ptr, in_row_stride, in_term_ptr, in_term_stride, in_w_ptr, in_scale_ptr, in_shift_ptr,
-    # the residual blocks, stacked: block l's tensors at l * its block stride
-    n_blocks, red_w_ptr, red_b_ptr, s1_ptr, t1_ptr,
+    # the BLOCKS residual blocks, stacked: block l's tensors at l * its block stride
+    red_w_ptr, red_b_ptr, s1_ptr, t1_ptr,
     conv_row_ptr, conv_row_block, conv_row_stride, conv_term_ptr, conv_term_block, conv_term_stride,
     conv_w_ptr, s2_ptr, t2_ptr, exp_w_ptr, exp_b_ptr, s3_ptr, t3_ptr,
     head_w_ptr, head_b_ptr, out_w_ptr, out_b_ptr,
@@ -111,8 +111,8 @@ def _pixel_step(
     x_ptr, y_ptr, t_ptr, logits_ptr,
     # the draw: u[:, i, j, c], levels[:, c, i, j] (strided views), log_prob [B], level -> model input
     u_ptr, u_stride, temperature_ptr, level_ptr, level_stride, log_prob_ptr, input_values_ptr,
-    C: tl.constexpr, IN_TAPS: tl.constexpr, HIDDEN: tl.constexpr, LEVELS: tl.constexpr, LEVELS_POW2: tl.constexpr,
-    NORM: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    C: tl.constexpr, IN_TAPS: tl.constexpr, HIDDEN: tl.constexpr, BLOCKS: tl.constexpr, LEVELS: tl.constexpr,
+    LEVELS_POW2: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Pixel (current row, j), channel c, for one tile of images: every layer, then the draw."""
@@ -133,7 +133,7 @@ def _pixel_step(
     # Block l's weights and caches are l block strides on: the pointers step once per block.
     red_w, red_b, s1, t1, conv_w, s2, t2 = red_w_ptr, red_b_ptr, s1_ptr, t1_ptr, conv_w_ptr, s2_ptr, t2_ptr
     exp_w, exp_b, s3, t3 = exp_w_ptr, exp_b_ptr, s3_ptr, t3_ptr
-    for _ in range(n_blocks):
+    for _ in range(BLOCKS):
         # 1x1 reduce of relu(x), norm1, relu: written into the 3x3 conv's input at padded column j + 1
         _layer(x, H2, H2, red_w, HIDDEN, conv_row + (j + 1) * HIDDEN, conv_row_stride, rows, red_b, 0, s1, t1, x,
                True, NORM, False, True, ACC, PRECISION, BLOCK_ROWS, BLOCK_K, BLOCK_N)
@@ -263,7 +263,7 @@ class FusedPixelCNNStepper(_Stepper):
                         for n in (2 * h, 2 * h, h, self.levels_pow2)]
         # The kernel's compile-time arguments: the same for every step.
         self.meta = dict(
-            C=cfg.in_channels, IN_TAPS=self.input_cache.weight_now.shape[0] // cfg.in_channels, HIDDEN=h,
+            C=cfg.in_channels, IN_TAPS=self.input_cache.weight_now.shape[0] // cfg.in_channels, HIDDEN=h, BLOCKS=blocks,
             LEVELS=cfg.levels, LEVELS_POW2=self.levels_pow2, NORM=cfg.norm != "none", ACC=_ACC.get(dtype, tl.float32),
             # float32 products as torch does them: TF32 only where torch's own matmuls may use it.
             PRECISION="tf32" if dtype == torch.float32 and _torch_matmul_uses_tf32() else "ieee",
@@ -311,7 +311,7 @@ class FusedPixelCNNStepper(_Stepper):
             j, c, u.shape[0],
             in_row, in_row.stride(0), self.input_cache.row_term, self.input_cache.row_term.stride(0),
             self.input_cache.weight_now, self.in_scale, self.in_shift,
-            len(self.conv_w), self.reduce_w, self.reduce_b, *self.norms[0],
+            self.reduce_w, self.reduce_b, *self.norms[0],
             conv_row, conv_row.stride(0), conv_row.stride(1), self.conv_term, self.conv_term.stride(0),
             self.conv_term.stride(1), self.conv_w, *self.norms[1], self.expand_w, self.expand_b, *self.norms[2],
             self.head_w, self.head_b, self.out_w, self.out_b,
