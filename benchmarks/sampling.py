@@ -95,7 +95,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             extra["bf16_log_prob_error_bits_per_dim"] = float((out.log_prob - exact).abs().mean() / (c * h * w) / math.log(2))
     elif full_naive:
         start = time.perf_counter()
-        sample(model, batch, batch_size=batch, seed=1, method="naive", device=device)
+        sample(model, batch, batch_size=batch, seed=1, method="naive")
         sync()
         seconds = time.perf_counter() - start
         how = "full run"

@@ -179,7 +179,7 @@ def _pixel_step(
     p = tl.exp(z - tl.max(z, 1)[:, None])
     cdf = tl.cumsum(p / tl.sum(p, 1)[:, None], 1)
     u = tl.load(u_ptr + (r0 + m) * u_stride, mask=m_ok, other=0.0)
-    level = tl.minimum(tl.sum(((cdf < u[:, None]) & v_ok[None, :]).to(tl.int32), 1), LEVELS - 1)
+    level = tl.minimum(tl.sum(((cdf <= u[:, None]) & v_ok[None, :]).to(tl.int32), 1), LEVELS - 1)
     top = tl.max(logits, 1)
     log_z = tl.log(tl.sum(tl.exp(logits - top[:, None]), 1)) + top
     log_p = tl.sum(tl.where(v[None, :] == level[:, None], logits, 0.0), 1) - log_z

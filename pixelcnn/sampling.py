@@ -9,7 +9,7 @@ Naive (``method="naive"``): one full forward pass per pixel and channel, H*W*C p
 the reference every faster sampler is tested against.
 
 Cached (``method="cached"``, the default): every layer of PixelCNN reads, at (i, j), only raster
-positions <= (i, j) of the layer below (the 7x7 mask-A and 3x3 mask-B kernels reach one and three
+positions <= (i, j) of the layer below (the 7x7 mask-A and 3x3 mask-B kernels reach three and one
 rows up, never down or right in the same row). A value computed at (i, j) therefore never changes
 once pixel (i, j) is drawn, so each step computes every layer at the new position only and caches
 the result. Per masked conv with kernel k it caches the conv's *input* for the last k//2 + 1 rows
@@ -94,7 +94,8 @@ def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[tor
     """Inverse-CDF draw of one level per row of ``logits [B, L]``; returns (levels, log p at T=1)."""
     logits = logits.double()
     cdf = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1).cumsum(-1)
-    level = (cdf < u[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
+    # levels whose cumulative probability is <= u come before it (so u = 0 skips a probability-0 level)
+    level = (cdf <= u[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
     log_prob = torch.log_softmax(logits, dim=-1).gather(1, level[:, None])[:, 0]
     return level, log_prob
 
@@ -112,7 +113,6 @@ def sample(
     temperature: float = 1.0,
     method: str = "cached",
     batch_size: int = 64,
-    device: str | torch.device | None = None,
     labels: int | Sequence[int] | torch.Tensor | None = None,
     cuda_graph: bool = True,
 ) -> Samples:
@@ -120,7 +120,7 @@ def sample(
 
     Samples are numbered ``0..num_samples-1`` (or by ``ids``); sample k depends only on (seed, k).
     ``labels`` (conditional models): one class for all samples, or one per sample.
-    ``device`` defaults to the model's; computation runs in the model's dtype.
+    Sampling runs where the model is, in its dtype (``model.to("cuda")`` first to sample on a GPU).
     ``method="fused"``: the cached sampler with each pixel step one Triton kernel (``fused.py``),
     for PixelCNN on CUDA devices.
     ``cuda_graph`` (cached and fused methods on CUDA): replay the sampling loop as one CUDA graph once a batch
@@ -141,7 +141,7 @@ def sample(
     cfg = model.config
     labels = _sample_labels(cfg, labels, len(ids))
     param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
+    device = param.device
     was_training = model.training
     if method == "fused":
         _check_fused(model, device)
@@ -261,9 +261,9 @@ class _GraphedRun:
 class _GraphCache:
     """One model's captured graphs, valid while its weights are the ones they were captured with.
 
-    ``runs`` maps (shape, temperature, dtype, device, unconditional, method) to a ``_GraphedRun``, to None (seen
-    once: a shape is captured the second time it is seen, so a one-off batch never pays for a capture)
-    or to "eager" (its capture failed). Valid means every parameter and buffer has the same storage
+    ``runs`` maps (shape, temperature, dtype, device, unconditional, method, precision settings) to a
+    ``_GraphedRun``, to None (seen once: a shape is captured the second time it is seen, so a one-off
+    batch never pays for a capture) or to "eager" (its capture failed). Valid means every parameter and buffer has the same storage
     and the same values as at capture: values are compared, not version counters, because some
     in-place writes (``.data``, fused optimizers) leave the counter alone. ``held`` keeps the
     captured storages alive, so a new tensor can never reuse an address the graphs read.
@@ -287,12 +287,25 @@ class _GraphCache:
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, _GraphCache]" = weakref.WeakKeyDictionary()
 
 
+def _precision_settings() -> tuple:
+    """torch's float32 precision (TF32) and autocast settings, as far as this torch can read them. A graph
+    replays the kernels chosen when it was captured, so one captured under other settings is not reused."""
+    readings = [torch.is_autocast_enabled()]
+    for read in (lambda: torch.backends.cuda.matmul.fp32_precision, lambda: torch.backends.cuda.matmul.allow_tf32,
+                 lambda: torch.backends.cudnn.conv.fp32_precision, lambda: torch.backends.cudnn.allow_tf32):
+        try:
+            readings.append(read())
+        except (AttributeError, RuntimeError):  # not in this torch; or a legacy flag after the new setting
+            readings.append(None)
+    return tuple(readings)
+
+
 def _sample_cached_graphed(model, u, labels, temperature, dtype, method):
     weights = [t.detach() for t in (*model.parameters(), *model.buffers())]
     cache = _GRAPHS.get(model)
     if cache is None or not cache.valid_for(weights):
         cache = _GRAPHS[model] = _GraphCache(weights)
-    key = (u.shape, temperature, dtype, u.device, labels is None, method)
+    key = (u.shape, temperature, dtype, u.device, labels is None, method, _precision_settings())
     if key not in cache.runs:  # first sight: run eagerly, capture next time
         if len(cache.runs) >= cache.MAX_SHAPES:
             cache.runs.pop(next(iter(cache.runs)))  # the oldest shape, and its graph's memory

@@ -11,7 +11,7 @@ from pixelcnn import GatedPixelCNN, PixelCNN, load_checkpoint, load_dataset, loa
 from pixelcnn.checkpoint import checkpoint_dict
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import loss_per_dim, nll_per_image
-from pixelcnn.sampling import _GRAPHS, _GraphCache, _GraphedRun, _stepper, sample_uniforms
+from pixelcnn.sampling import _GRAPHS, _GraphCache, _GraphedRun, _precision_settings, _stepper, sample_uniforms
 from test_causality import input_jacobian_support, raster_order
 
 
@@ -246,6 +246,21 @@ def test_graph_cache_is_dropped_when_any_weight_changes():
     cache = _GraphCache(weights())
     model.float()
     assert not cache.valid_for(weights())
+
+
+def test_graphs_are_keyed_on_precision_settings():
+    """A graph replays the kernels chosen at its capture: one captured before TF32 was switched on (or
+    off) must not stand in for an eager run under the new setting."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = _precision_settings()
+    matmul_before, conv_before = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with_tf32_matmuls = _precision_settings()
+        conv.fp32_precision = "ieee"
+        assert len({before, with_tf32_matmuls, _precision_settings()}) == 3
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = matmul_before, conv_before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -11,7 +11,7 @@ from conftest import randomize
 from pixelcnn import PixelCNN, sample
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import nll_per_image
-from pixelcnn.sampling import draw, sample_uniforms
+from pixelcnn.sampling import draw, labels_for_ids, sample_uniforms
 
 
 def tiny(channels=1, size=(5, 4), dtype=torch.float64, seed=0, **kw):
@@ -37,12 +37,36 @@ def test_uniform_streams_depend_only_on_seed_and_id():
     assert abs(big.mean().item() - 0.5) < 0.01 and abs(big.std().item() - math.sqrt(1 / 12)) < 0.01
 
 
+def test_labels_drawn_per_id_follow_the_class_probabilities():
+    weights = [1, 0, 6, 3]  # normalised by the function: 0.1, 0, 0.6, 0.3
+    labels = labels_for_ids(3, np.arange(40_000), weights)
+    frequency = torch.bincount(labels, minlength=4).double() / len(labels)
+    assert torch.allclose(frequency, torch.tensor([0.1, 0, 0.6, 0.3], dtype=torch.float64), atol=0.01)  # ~4 sigma
+    assert frequency[1] == 0
+    assert torch.equal(labels_for_ids(3, [7, 5], weights), labels[[7, 5]])  # label k depends on (seed, k) alone
+    assert not torch.equal(labels_for_ids(4, np.arange(100), weights), labels[:100])
+
+
 def test_draw_is_inverse_cdf():
     logits = torch.log(torch.tensor([[0.25, 0.5, 0.25]]))
     for u, expected in [(0.0, 0), (0.2499, 0), (0.2501, 1), (0.7499, 1), (0.7501, 2), (0.999999, 2)]:
         level, lp = draw(logits, torch.tensor([u], dtype=torch.float64), 1.0)
         assert level.item() == expected
         assert abs(lp.item() - math.log([0.25, 0.5, 0.25][expected])) < 1e-6
+    # The smallest level whose cumulative probability exceeds u: never one of probability 0, even at u = 0.
+    level, lp = draw(torch.tensor([[-math.inf, 0.0, 0.0]]), torch.zeros(1, dtype=torch.float64), 1.0)
+    assert level.item() == 1 and lp.item() == pytest.approx(math.log(0.5))
+
+
+def test_sampling_leaves_the_model_in_its_mode():
+    """sample() evaluates in eval mode and puts the model back: a training loop that draws a sample grid
+    goes on training in train mode (dropout on, BatchNorm updating)."""
+    model = tiny(norm="batch")
+    for method in ("naive", "cached"):
+        for training in (True, False):
+            model.train(training)
+            sample(model, 2, method=method)
+            assert model.training == training and all(m.training == training for m in model.modules())
 
 
 @pytest.mark.parametrize("method", ["naive", "cached"])
