@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from jobs.common import ArgumentParser, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
-from pixelcnn.checkpoint import MODEL_FILE  # noqa: E402
+from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
 from pixelcnn.training import AMP_MODES, MODELS, SCHEDULES, Runtime, TrainConfig, train  # noqa: E402
@@ -149,7 +149,7 @@ class RayTrainRuntime(Runtime):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+            return load_checkpoint(folder)  # weights only; a corrupt file is one CheckpointError line
 
     def publish(self, metrics, checkpoint, files):
         import ray.train

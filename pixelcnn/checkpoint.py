@@ -9,7 +9,7 @@ loads it without executing any pickled code:
     model_state    state_dict (weights used for sampling/evaluation; EMA weights when trained with EMA)
     data_shape     [C, H, W] of the training images
     dataset        dataset name
-    step, epoch    training progress
+    step, epoch    training progress: optimizer steps and whole epochs done
     training       optional resume state (raw weights, optimizer, ...), ignored by load_model
 
 Files are written to a temporary name and renamed, so a crash never leaves a half-written
@@ -22,6 +22,7 @@ import io
 import os
 import tempfile
 from dataclasses import asdict
+from typing import BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -54,13 +55,19 @@ def checkpoint_dict(model: nn.Module, *, step: int, epoch: int = 0, dataset: str
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write ``checkpoint`` (see ``checkpoint_dict``) to ``path`` atomically."""
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, renamed onto ``path`` once it succeeded: the
+    file under its final name is always whole (the old one, or the new one)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .checkpoint import MODEL_FILE, checkpoint_dict, save_checkpoint
+from .checkpoint import MODEL_FILE, checkpoint_dict, load_checkpoint, save_checkpoint, write_atomically
 from .data import DATASET_SHAPES, ImageData, load_dataset
 from .likelihood import bits_per_dim, loss_per_dim, model_logits, nll_per_image
-from .models import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
+from .models import NORMS, GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from .sampling import sample
 from .schema import grid_png
 
@@ -113,6 +113,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_decay <= 0:
+            raise ValueError(f"--lr-decay must be > 0, got {self.lr_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
+        if self.blocks < 0:
+            raise ValueError(f"--blocks must be >= 0, got {self.blocks}")
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm must be one of {NORMS}, got {self.norm!r}")
         if self.kernel_size < 3 or self.kernel_size % 2 != 1:
             raise ValueError(f"--kernel-size must be odd and >= 3, got {self.kernel_size}")
         if not 0 <= self.dropout < 1:
@@ -176,21 +184,21 @@ class Runtime:
         return values
 
     def resume_state(self) -> dict | None:
+        """The run folder's checkpoint, if any (a corrupt one is a ``CheckpointError``)."""
         path = os.path.join(self.run_dir, MODEL_FILE)
-        if os.path.exists(path):
-            return torch.load(path, map_location="cpu", weights_only=True)
-        return None
+        return load_checkpoint(path) if os.path.exists(path) else None
 
     def publish(self, metrics: dict, checkpoint: dict | None, files: dict[str, bytes]) -> None:
-        """Record metrics; on checkpoints also the model and extra files (e.g. sample grid PNGs)."""
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        """Rank 0's report (``checkpoint`` holds the metrics so far in its history): extra files such as
+        sample grid PNGs, ``metrics.jsonl`` and the model, each written whole. ``metrics.jsonl`` is
+        rewritten from the history, so a run resumed from its last checkpoint never lists a report twice."""
+        if checkpoint is None:
+            return
         for name, data in files.items():
-            with open(os.path.join(self.run_dir, name), "wb") as f:
-                f.write(data)
-        if checkpoint is not None:
-            save_checkpoint(os.path.join(self.run_dir, MODEL_FILE), checkpoint)
+            write_atomically(os.path.join(self.run_dir, name), lambda f: f.write(data))
+        history = "".join(json.dumps(m) + "\n" for m in checkpoint["training"]["history"]).encode()
+        write_atomically(os.path.join(self.run_dir, "metrics.jsonl"), lambda f: f.write(history))
+        save_checkpoint(os.path.join(self.run_dir, MODEL_FILE), checkpoint)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -353,7 +361,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
                     if ema is not None:
                         training["raw_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                     checkpoint = checkpoint_dict(
-                        final_model, step=step, epoch=epoch, dataset=cfg.dataset, training=training,
+                        final_model, step=step, epoch=step // steps_per_epoch, dataset=cfg.dataset, training=training,
                     )
                 runtime.publish(metrics, checkpoint, files)
                 log(json.dumps(metrics), flush=True)

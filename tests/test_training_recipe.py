@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from pixelcnn import GatedPixelCNN, evaluate, load_dataset, load_model
+from pixelcnn import CheckpointError, GatedPixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import load_checkpoint
 from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
 
@@ -96,6 +96,23 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert any(not torch.allclose(init[k], once["training"]["raw_state"][k]) for k in init)
 
 
+def test_a_resumed_run_folder_lists_each_report_once(tmp_path):
+    """metrics.jsonl follows the checkpoint: a report whose model never landed (a crash between the two)
+    is gone after the resume, not listed twice. A corrupt checkpoint is one CheckpointError line."""
+    run(tmp_path, "run", max_steps=5)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 8}) + "\n")
+    _, ckpt, _ = run(tmp_path, "run", max_steps=10)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [m["step"] for m in ckpt["training"]["history"]] == [4, 5, 8, 10]
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 10  # whole epochs done, as the metrics count them
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "model.pt"]  # no temporaries
+    (tmp_path / "run" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="is corrupt or not a PixelCNN checkpoint") as info:
+        run(tmp_path, "run", max_steps=12)
+    assert "\n" not in str(info.value)
+
+
 def test_cosine_schedule_values():
     cfg = TrainConfig(lr=1e-3, epochs=2, schedule="cosine", warmup_steps=10)
     steps_per_epoch = 55  # 110 steps in all: 10 warm-up, then 100 of cosine
@@ -123,12 +140,21 @@ def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
     assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     for m in metrics:  # "lr" is the rate of the last step taken
         assert m["lr"] == pytest.approx(learning_rate(config, m["step"] - 1, 4))
+    # The rate a step is taken with, read off the weights: Adam's first step moves every weight whose
+    # gradient is not ~0 by the rate itself (m / sqrt(v) = g / |g|), here warm-up's half of the peak.
+    _, one_step, _ = run(tmp_path, "one-step", **cfg, max_steps=1)
+    torch.manual_seed(0)
+    init = GatedPixelCNN(config.model_config()).state_dict()
+    moved = max(float((one_step["model_state"][k] - v).abs().max()) for k, v in init.items())
+    assert moved == pytest.approx(learning_rate(config, 0, 4), rel=1e-3) and learning_rate(config, 0, 4) == 1e-3
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"schedule": "linear"}, "--schedule"), ({"ema": 1.0}, "--ema"), ({"dropout": 0.1}, "--model gated"),
     ({"kernel_size": 4}, "--kernel-size"), ({"lr_decay": 0.9}, "--schedule constant"),
-    ({"warmup_steps": -1}, "--warmup-steps"), ({"layers": 0}, "--layers"),
+    ({"warmup_steps": -1}, "--warmup-steps"), ({"layers": 0}, "--layers"), ({"grad_clip": -1.0}, "--grad-clip"),
+    ({"schedule": "constant", "lr_decay": 0.0}, "--lr-decay must be > 0"), ({"blocks": -1}, "--blocks"),
+    ({"norm": "layer"}, "--norm"),
 ])
 def test_bad_recipe_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match) as info:
