@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -139,8 +140,8 @@ def label_probs(args, num_classes: int) -> list[float] | None:
         probs = [float(v) for v in args.label_probs.split(",")]
     except ValueError:
         raise JobError(f"--label-probs must be comma-separated numbers, got {args.label_probs!r}") from None
-    if len(probs) != num_classes or min(probs) < 0 or sum(probs) <= 0:
-        raise JobError(f"--label-probs needs {num_classes} non-negative numbers with a positive sum")
+    if len(probs) != num_classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:  # NaN fails too
+        raise JobError(f"--label-probs needs {num_classes} finite non-negative numbers with a positive sum")
     return [p / sum(probs) for p in probs]
 
 

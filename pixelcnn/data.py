@@ -47,9 +47,6 @@ class ImageData:
         """(channels, height, width)."""
         return tuple(self.images.shape[1:])
 
-    def dataset(self) -> torch.utils.data.TensorDataset:
-        return torch.utils.data.TensorDataset(self.images, self.labels)
-
 
 def levels_to_input(levels: torch.Tensor, num_levels: int = 256, dtype=torch.float32) -> torch.Tensor:
     """Integer levels -> the model's float input ``level / (num_levels - 1)`` (``pixel / 255``)."""

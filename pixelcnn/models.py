@@ -14,7 +14,7 @@ No distributed or storage code lives here: parallelism and I/O are applied from 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -309,8 +309,12 @@ def check_input(cfg, x: torch.Tensor, labels: torch.Tensor | None) -> None:
             raise ValueError(f"this model is class-conditional ({cfg.num_classes} classes): labels are required")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape [{x.shape[0]}], got {list(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-            raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1}")
+        # An out-of-range label would be a device-side assert on a GPU. The check reads the labels back
+        # (one sync, both ends at once); a compiled model skips it rather than break its graph there.
+        if labels.numel() and not torch.compiler.is_compiling():
+            low, high = torch.stack(labels.aminmax()).tolist()
+            if low < 0 or high >= cfg.num_classes:
+                raise ValueError(f"labels must lie in 0..{cfg.num_classes - 1}")
     elif labels is not None:
         raise ValueError("this model is unconditional (num_classes=0): pass labels=None")
 
@@ -324,7 +328,3 @@ def build_model(name: str, config: dict) -> nn.Module:
         raise ValueError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
     cls = MODEL_CLASSES[name]
     return cls(cls.config_class(**config))
-
-
-def model_config_dict(model: nn.Module) -> dict:
-    return asdict(model.config)

@@ -94,7 +94,7 @@ def sample_table(
         "height": np.full(n, height, dtype=np.int32),
         "width": np.full(n, width, dtype=np.int32),
         "channels": np.full(n, channels, dtype=np.int32),
-        "label": None if labels is None else labels.numpy().astype(np.int32),
+        "label": pa.nulls(n, pa.int32()) if labels is None else labels.numpy().astype(np.int32),
         "log_prob": log_prob,
         "bits_per_dim": -log_prob / (channels * height * width * math.log(2)),
         "temperature": np.full(n, temperature, dtype=np.float64),
@@ -104,6 +104,4 @@ def sample_table(
         "model_sha256": [model_sha256] * n,
         "created_at": [created] * n,
     }
-    if labels is None:
-        columns["label"] = pa.nulls(n, pa.int32())
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)

@@ -28,11 +28,16 @@ def mnist_root() -> Path:
 
 
 def randomize(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Weights far from init (incl. label embeddings that start at zero), so every path carries signal."""
+    """Weights far from init (incl. label embeddings that start at zero), so every path carries signal;
+    BatchNorm running statistics too (not their defaults 0 and 1, which leave them untested)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
     return model
 
 

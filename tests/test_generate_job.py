@@ -199,7 +199,7 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
-                                  "unconditional", "gpus", "other-seed"])
+                                  "label-probs", "unconditional", "gpus", "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -219,6 +219,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         extra = ["--sampler", "fused"]
     elif case == "label":
         ckpt, extra = checkpoints["cond"], ["--label", 10]
+    elif case == "label-probs":  # NaN is neither negative nor a zero sum
+        ckpt, extra = checkpoints["cond"], ["--label-probs", ",".join(["nan"] + ["1"] * 9)]
     elif case == "unconditional":
         extra = ["--label", 1]
     elif case == "gpus":  # 4 samples are one shard: one actor, however many are asked for
@@ -233,7 +235,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         "missing": "checkpoint not found", "corrupt": "corrupt", "bucket": "bucket 'no-such-bucket' does not exist",
         "not-a-checkpoint": "config.json is corrupt or not a PixelCNN checkpoint",
         "zero": "--num-samples must be >= 1", "fused-cpu": "--sampler fused runs on GPU actors",
-        "label": "--label 10 is not a class", "unconditional": "unconditional", "other-seed": "seed 1",
+        "label": "--label 10 is not a class", "label-probs": "--label-probs needs 10 finite non-negative numbers",
+        "unconditional": "unconditional", "other-seed": "seed 1",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
     }[case]
     assert expected in line, line

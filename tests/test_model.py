@@ -34,8 +34,9 @@ def test_integer_input_and_labels_rejected():
     conditional = PixelCNN(hidden=8, blocks=1, image_size=(4, 4), num_classes=3)
     with pytest.raises(ValueError, match="labels are required"):
         conditional(torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"0\.\.2"):
-        conditional(torch.zeros(1, 1, 4, 4), torch.tensor([3]))
+    for labels in ([3], [0, -1]):
+        with pytest.raises(ValueError, match=r"0\.\.2"):
+            conditional(torch.zeros(len(labels), 1, 4, 4), torch.tensor(labels))
 
 
 def test_bad_config_values():
