@@ -1,5 +1,5 @@
 # make setup : create .venv here and install the project with its test tools (idempotent)
-# make train : setup, then train a small PixelCNN on MNIST in about 5 minutes on 2 CPU cores
+# make train : setup, then train a small PixelCNN on MNIST in about 6 minutes on 2 CPU cores
 # make test  : setup, then the whole test suite (CPU only; starts its own local Ray and S3 endpoint)
 
 VENV ?= .venv

@@ -32,10 +32,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """The jobs' flags: --help shows defaults; a bad flag is one ``error:`` line, exit status 2, like
-    every other refusal (argparse would print its usage first)."""
+    every other refusal (argparse would print its usage first). Flags are taken whole: a prefix such
+    as ``--num-sample`` is refused, not read as ``--num-samples``."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
+        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:
         fail(f"{message} (see --help)")
@@ -62,7 +63,7 @@ class S3Settings:
             try:
                 region = pafs.resolve_s3_region(bucket)
             except OSError:
-                region = None  # a missing bucket is reported by check_writable, in one line
+                region = None  # a missing bucket is reported by check_bucket, in one line
         return cls(endpoint or None, region)
 
     def filesystem(self) -> pafs.S3FileSystem:
@@ -134,19 +135,27 @@ def open_storage(uri: str, endpoint: str | None = None) -> Storage:
     return Storage(path, path)
 
 
-def check_writable(storage: Storage) -> None:
-    """Fail fast on a missing bucket, denied access, an unreachable endpoint or a read-only folder."""
+def check_bucket(storage: Storage) -> None:
+    """Fail fast, reading only, on a missing bucket, denied access or an unreachable endpoint."""
+    if not storage.s3:
+        return
+    bucket = storage.path.split("/", 1)[0]
     try:
-        if storage.s3:
-            bucket = storage.path.split("/", 1)[0]
-            info = storage.fs.get_file_info(bucket)
-            if info.type == pafs.FileType.NotFound:
-                raise JobError(f"S3 bucket {bucket!r} does not exist (storage {storage.uri})")
+        info = storage.fs.get_file_info(bucket)
+    except OSError as error:
+        raise JobError(f"cannot reach {storage.uri}: {' '.join(str(error).split())[:300]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise JobError(f"S3 bucket {bucket!r} does not exist (storage {storage.uri})")
+
+
+def check_writable(storage: Storage) -> None:
+    """``check_bucket``, then whether the folder takes a file: a probe, written and deleted. It leaves the
+    folder behind (on S3 an empty folder marker), so call it only once the job is going to write."""
+    check_bucket(storage)
+    try:
         probe = f".write-probe-{uuid.uuid4().hex}"
         storage.write(probe, b"")
         storage.fs.delete_file(storage.file(probe))
-    except JobError:
-        raise
     except OSError as error:
         reason = " ".join(str(error).split())[:300]
         raise JobError(f"cannot write to {storage.uri}: {reason}") from None

@@ -39,7 +39,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import ArgumentParser, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.gpus_per_actor < 0 or args.preview < 0:
         p.error("--gpus-per-actor and --preview must be >= 0")
+    if args.cpus_per_actor is not None and not args.cpus_per_actor > 0:
+        p.error(f"--cpus-per-actor must be > 0, got {args.cpus_per_actor}")
     if args.sampler == "fused" and not args.gpus_per_actor:
         p.error("--sampler fused runs on GPU actors: pass --gpus-per-actor")
     if (args.min_actors is None) != (args.max_actors is None):
@@ -192,7 +194,8 @@ def check_manifest(output: Storage, manifest: dict) -> None:
     changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
     if changed:
         raise JobError(
-            f"{output.uri} holds samples of another request ({', '.join(f'{k} {stored.get(k)!r}' for k in changed)}): "
+            f"{output.uri} holds samples of another request "
+            f"({', '.join(f'{k} {stored.get(k)!r} -> {manifest[k]!r}' for k in changed)}): "
             "use another --output"
         )
 
@@ -285,7 +288,7 @@ def main(argv=None) -> dict:
             raise JobError(f"--sampler fused samples PixelCNN only; this checkpoint holds a {ckpt['model_class']}")
         probs = label_probs(args, cfg.get("num_classes", 0))
         output = open_storage(args.output, args.s3_endpoint)
-        check_writable(output)
+        check_bucket(output)  # reading only: a request refused below leaves the output as it was
         manifest = {
             "checkpoint": checkpoint_uri, "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
             "seed": args.seed, "temperature": args.temperature, "label_probs": probs, "dtype": args.dtype,
@@ -335,9 +338,11 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         # a pool that takes every CPU hangs.
         cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
     have = ray.cluster_resources()
-    need_gpus = args.gpus_per_actor * (min_actors or num_actors)
-    if need_gpus > have.get("GPU", 0):
-        raise JobError(f"{need_gpus:g} GPUs needed for the sampler actors, the cluster has {have.get('GPU', 0):g}")
+    for resource, per_actor in (("GPU", args.gpus_per_actor), ("CPU", cpus)):  # else the pool waits for ever
+        need = per_actor * (min_actors or num_actors)
+        if need > have.get(resource, 0):
+            raise JobError(f"{need:g} {resource}s needed for the sampler actors, the cluster has {have.get(resource, 0):g}")
+    check_writable(output)
     claim_output(output, manifest)
     settings = {
         "seed": args.seed, "temperature": args.temperature, "sampler": args.sampler, "dtype": args.dtype,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
 from dataclasses import asdict
 from typing import BinaryIO, Callable
@@ -88,6 +89,10 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> str:
 def _load_error(error: Exception) -> str:
     """torch.load's reason, in one line. Its weights-only refusal comes with advice to load the file
     unsafely or to allowlist what it refused, which is not ours to pass on: keep only what it refused."""
+    if not isinstance(error, (RuntimeError, pickle.UnpicklingError)):
+        # The unpickler tripped over bytes it could not parse (EOFError, KeyError: 101, ...): its words are
+        # about its own internals, not the file.
+        return "not a file torch.save wrote"
     text = " ".join(str(error).split())
     if "WeightsUnpickler error:" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]

@@ -52,6 +52,9 @@ def test_corrupt_file(tmp_path):
     message = one_line_error(path)
     assert "corrupt" in message and "refused by the weights-only loader" in message
     assert "weights_only" not in message, "torch's advice to load unsafely must not be passed on"
+    for junk in (b"", b"hello"):  # the unpickler's own words here are "EOFError" and "101"
+        path.write_bytes(junk)
+        assert one_line_error(path).endswith("is corrupt or not a PixelCNN checkpoint (not a file torch.save wrote)")
 
 
 def test_foreign_pickle_is_refused_without_running_it(tmp_path):

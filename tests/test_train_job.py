@@ -180,6 +180,8 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     ("--grid-samples", -1, "--grid-samples must be >= 0"),
     ("--cpus-per-worker", 0, "--cpus-per-worker must be > 0"),
     ("--subset", 10, "--batch-size 128 exceeds --subset 10"),
+    ("--grad-clip", -1, "--grad-clip must be >= 0"),
+    ("--batch-siz", 64, "unrecognized arguments: --batch-siz"),  # a prefix is not taken for --batch-size
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them, in one line (no usage dump)."""
