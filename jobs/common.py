@@ -182,8 +182,13 @@ def shutdown_ray() -> None:
 
 
 def root_cause(error: BaseException) -> str:
-    """The innermost error's last line: worker errors arrive wrapped around a traceback snippet."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:500]
+    """The last line of the innermost error that says something: worker errors arrive wrapped around a
+    traceback snippet, and Ray Data raises an internal error "from" an empty ``SystemException()``."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for cause in reversed(chain):
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:500]
+    return type(error).__name__

@@ -198,6 +198,25 @@ def test_ray_job_submit(ray_cluster, s3, checkpoints):
     assert table.column("id").to_pylist() == list(range(20))
 
 
+def test_a_failure_inside_ray_data_is_named_by_its_own_message():
+    """Ray Data re-raises an error of its own or Ray Core's code "from" an empty SystemException: the
+    one error line must be the error's message, not "SystemException"."""
+    from ray.data.exceptions import SystemException
+
+    from jobs.common import root_cause
+
+    try:
+        try:
+            raise ValueError("Traceback (most recent call last):\n  ...\nValueError: num_cpus cannot be negative")
+        except ValueError as error:
+            raise error.with_traceback(None) from SystemException()  # as ray.data.exceptions does
+    except ValueError as error:
+        assert root_cause(error) == "ValueError: num_cpus cannot be negative"
+    wrapped = RuntimeError("outer")
+    wrapped.__cause__ = KeyError("inner")
+    assert root_cause(wrapped) == "'inner'"
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
                                   "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
