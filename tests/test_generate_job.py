@@ -136,7 +136,7 @@ def test_bfloat16_samples_and_a_rerun_in_float32_is_refused(s3, checkpoints, loc
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     proc = run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 60, "--output", out,
                    "--seed", 3, env=local_ray_env, check=False)
-    assert "holds samples of another request (dtype 'bfloat16')" in one_error_line(proc)
+    assert "holds samples of another request (dtype 'bfloat16' -> 'float32')" in one_error_line(proc)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
