@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-probs", help="conditional models: comma-separated class probabilities drawn per sample (default: uniform)")
     p.add_argument("--preview", type=int, default=0, help="also write _preview.png, a contact sheet of the first N samples (a finished rerun keeps an existing one)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="wait for an autoscaler instead of failing when the cluster lacks the actors' GPUs or CPUs")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
     if args.batch_size is None:
@@ -340,8 +342,9 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     have = ray.cluster_resources()
     for resource, per_actor in (("GPU", args.gpus_per_actor), ("CPU", cpus)):  # else the pool waits for ever
         need = per_actor * (min_actors or num_actors)
-        if need > have.get(resource, 0):
-            raise JobError(f"{need:g} {resource}s needed for the sampler actors, the cluster has {have.get(resource, 0):g}")
+        if need > have.get(resource, 0) and not args.wait_for_resources:
+            raise JobError(f"{need:g} {resource}s needed for the sampler actors, the cluster has "
+                           f"{have.get(resource, 0):g} (--wait-for-resources on an autoscaling cluster)")
     check_writable(output)
     claim_output(output, manifest)
     settings = {
