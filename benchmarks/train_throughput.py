@@ -5,7 +5,7 @@ eager fp32 vs the optimised path, and 1 vs 2 DDP workers.
     .venv/bin/python benchmarks/train_throughput.py --device cuda    # GPU: bf16 + channels_last + compile
 
 Each configuration runs the training step the library runs (forward, cross-entropy, backward,
-gradient clipping, Adam) on MNIST-shaped batches, in fresh processes; DDP workers are real
+gradient clipping, AdamW) on MNIST-shaped batches, in fresh processes; DDP workers are real
 torch.distributed processes (gloo on CPU, NCCL on GPU), which is what Ray Train's TorchTrainer
 sets up around ``jobs/train.py``. FLOPs are counted from the conv shapes (masked taps included,
 since the dense kernels compute them): 3x the forward for a training step.
@@ -55,7 +55,7 @@ def worker(rank: int, world: int, cfg: dict, port: int, out) -> None:
     if cfg["optimised"]:
         train_model = torch.compile(train_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["optimised"] and device.type == "cuda")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # as TrainConfig's default
     levels = torch.randint(0, 256, (cfg["batch"], 1, 28, 28), dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

@@ -74,6 +74,25 @@ class S3Settings:
         kwargs["region"] = self.region or "us-east-1"
         return pafs.S3FileSystem(**kwargs)
 
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """PUT ``bucket/key`` unless it exists (S3's conditional write, If-None-Match: *, which Arrow's
+        filesystem does not offer): whether this call created it."""
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = path.split("/", 1)
+        endpoint = self.endpoint if not self.endpoint or "://" in self.endpoint else f"https://{self.endpoint}"
+        try:
+            client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region or "us-east-1")
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False  # it exists, or another request's create of it is under way
+            raise OSError(" ".join(str(error).split())[:300]) from None
+        except BotoCoreError as error:  # no credentials, endpoint unreachable, ...
+            raise OSError(" ".join(str(error).split())[:300]) from None
+
 
 @dataclass(frozen=True)
 class Storage:
@@ -115,6 +134,24 @@ class Storage:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, target)
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write a whole file only if ``name`` does not exist yet: of two jobs racing to create it, exactly
+        one does. Returns whether this call created it."""
+        if self.s3:
+            return self.s3.put_if_absent(self.file(name), data)
+        target = self.file(name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{os.path.dirname(target)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(target)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, target)  # a hard link never replaces an existing file: an exclusive, whole create
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
 
     def list(self) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)

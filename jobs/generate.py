@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sys
 import time
 
@@ -91,11 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.temperature > 0:
-        p.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.gpus_per_actor < 0 or args.preview < 0:
+    if not 0 < args.temperature < math.inf:
+        p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not 0 <= args.gpus_per_actor < math.inf or args.preview < 0:  # (NaN fails a comparison)
         p.error("--gpus-per-actor and --preview must be >= 0")
-    if args.cpus_per_actor is not None and not args.cpus_per_actor > 0:
+    if args.cpus_per_actor is not None and not 0 < args.cpus_per_actor < math.inf:
         p.error(f"--cpus-per-actor must be > 0, got {args.cpus_per_actor}")
     if args.sampler == "fused" and not args.gpus_per_actor:
         p.error("--sampler fused runs on GPU actors: pass --gpus-per-actor")
@@ -203,12 +204,11 @@ def check_manifest(output: Storage, manifest: dict) -> None:
 
 
 def claim_output(output: Storage, manifest: dict) -> None:
-    """Write the manifest once the request is known to run, so a refused one leaves the output untouched;
-    then check it again, in case another request wrote its own meanwhile (the last writer wins, the
-    other stops)."""
-    if output.read(MANIFEST) is None:
-        output.write(MANIFEST, json.dumps(manifest, indent=1).encode())
-        check_manifest(output, manifest)
+    """Create the manifest once the request is known to run (so a refused one leaves the output
+    untouched), unless one exists, then check the one that stands. Creating is exclusive, so of two
+    requests that both found a fresh output one creates it and the other, if it differs, stops here."""
+    output.create(MANIFEST, json.dumps(manifest, indent=1).encode())
+    check_manifest(output, manifest)
 
 
 # --- Ray Data: the sampler actors and the atomic Parquet sink -----------------------------------
@@ -250,6 +250,10 @@ def make_sink(output: Storage):
         """One Parquet file per block, named by its first and last id, never visible half-written."""
 
         def write(self, blocks, ctx) -> int:
+            # A write task may run on any node: a local --output must be a folder they all share.
+            if not output.s3 and output.read(MANIFEST) is None:
+                raise JobError(f"{output.uri} on node {socket.gethostname()} lacks the driver's {MANIFEST}: a local "
+                               "--output must be a folder every node shares (or use s3://)")
             rows = 0
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import ArgumentParser, JobError, Storage, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -208,7 +208,7 @@ def last_metrics(run: Storage) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-def check_cluster(args, cfg: TrainConfig) -> float:
+def check_cluster(args) -> float:
     """Fail fast when the cluster cannot hold the workers (Ray would wait forever); CPUs per worker."""
     import ray
 
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
         # the driver fetches the data here, once: a failed download is one error line, not a worker
         # failure retried --max-failures times (workers on other nodes still fetch their own copy).
         load_dataset(cfg.dataset, cfg.data_dir, train=False, subset=1, download=cfg.download)
-        check_writable(storage)
+        check_bucket(storage)  # reading only: the write probe waits until the run is going to write
         previous = last_metrics(run)
         stored = check_run_config(run, cfg, reported=previous is not None)
         same_run = all(stored.get(k) == getattr(cfg, k) for k in RUN_IDENTITY + RUN_LENGTH) if stored else False
@@ -246,7 +246,8 @@ def main(argv=None) -> dict:
             print(json.dumps(previous), flush=True)
             return previous
         init_ray(args.address)
-        cpus = check_cluster(args, cfg)
+        cpus = check_cluster(args)
+        check_writable(storage)
         run.write("config.json", json.dumps(cfg.to_dict(), indent=1).encode())
 
         import ray.train

@@ -102,6 +102,10 @@ class TrainConfig:
     grid_samples: int = 16  # images in the per-epoch sample grid; 0 disables
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN would pass every check below
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.amp not in AMP_MODES:

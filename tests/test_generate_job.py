@@ -16,7 +16,7 @@ from conftest import one_error_line, PYTHON, REPO, cluster_pids, last_json_line,
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
-from pixelcnn.schema import SAMPLE_SCHEMA, decode_png
+from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, sample_table
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +151,45 @@ def test_an_output_without_the_dtype_column_is_not_resumed(tmp_path):
         check_manifest(open_storage(str(tmp_path), None), {**manifest, "dtype": "float32"})
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_requests_racing_for_a_fresh_output_one_claims_it(where, s3, tmp_path, monkeypatch):
+    """Both found no manifest and went on; the one that claims the output second stops, rather than write
+    its images under the other's manifest (and over its part files, which have the same names)."""
+    from jobs.common import JobError, open_storage
+    from jobs.generate import MANIFEST, check_manifest, claim_output
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    output = open_storage(str(tmp_path / "out") if where == "local" else f"s3://pixelcnn/race/{tmp_path.name}", None)
+    first = {"model_sha256": "ab", "seed": 0, "temperature": 1.0, "label_probs": None, "dtype": "float32"}
+    second = {**first, "seed": 1}
+    check_manifest(output, first)
+    check_manifest(output, second)  # both see a fresh output
+    claim_output(output, first)
+    with pytest.raises(JobError, match="seed 0 -> 1"):
+        claim_output(output, second)
+    assert json.loads(output.read(MANIFEST))["seed"] == 0
+    claim_output(output, first)  # the same request again (a rerun) goes on
+    assert not output.create(MANIFEST, b"{}") and json.loads(output.read(MANIFEST)) == first  # never replaced
+
+
+def test_the_sink_writes_only_into_the_drivers_local_folder(tmp_path):
+    """Ray Data may run a write task on another node: there a local --output is another node's folder,
+    which the driver would never read. The sink refuses to write where the driver's manifest is not."""
+    from jobs.common import JobError, open_storage
+    from jobs.generate import MANIFEST, make_sink
+
+    output = open_storage(str(tmp_path / "out"), None)
+    block = sample_table(np.arange(2), torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.zeros(2), None, seed=0,
+                         temperature=1.0, sampler="cached", dtype="float32", checkpoint="c", model_sha256="ab")
+    with pytest.raises(JobError, match="lacks the driver's _manifest.json: a local --output must be a folder every node shares"):
+        make_sink(output).write([block], None)
+    assert not (tmp_path / "out").exists()
+    output.write(MANIFEST, b"{}")  # as the driver does before the pipeline starts
+    assert make_sink(output).write([block], None) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST, "part-000000000000-000000000001.parquet"]
+
+
 def test_conditional_labels(s3, checkpoints, local_ray_env, tmp_path):
     out = tmp_path / "cond"
     run_job("generate.py", "--checkpoint", checkpoints["cond"], "--num-samples", 30, "--output", out,
@@ -218,7 +257,7 @@ def test_a_failure_inside_ray_data_is_named_by_its_own_message():
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
-                                  "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "other-seed"])
+                                  "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "gpus-nan", "other-seed"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -248,6 +287,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         extra = ["--cpus-per-actor", 64]
     elif case == "cpus-zero":
         extra = ["--cpus-per-actor", 0]
+    elif case == "gpus-nan":  # NaN is neither negative nor more than the cluster has
+        extra = ["--gpus-per-actor", "nan"]
     elif case == "other-seed":
         run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
         extra = ["--seed", 2]
@@ -262,6 +303,7 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         "unconditional": "unconditional", "other-seed": "seed 1",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
         "cpus": "64 CPUs needed for the sampler actors, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
+        "gpus-nan": "--gpus-per-actor and --preview must be >= 0",
     }[case]
     assert expected in line, line
     assert "usage:" not in proc.stderr and "If you are seeing this error" not in line, proc.stderr  # torch's advice cut

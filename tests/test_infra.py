@@ -418,6 +418,11 @@ def test_kuberay_rayjob(kind):
     )
     assert all(c["image"] == image for c in pod["containers"])
     gpus_per_pod = sum(int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in pod["containers"])
+    # /dev/shm beyond Kubernetes' 64 MiB, for Ray's object store and NCCL between one pod's GPUs.
+    for spec_ in (head_pod, pod):
+        shm = [v["name"] for v in spec_.get("volumes", []) if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert all(any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in c.get("volumeMounts", []))
+                   for c in spec_["containers"])
 
     # S3 access through IRSA: one service account, annotated with a role, no keys anywhere.
     accounts = {head_pod.get("serviceAccountName"), pod.get("serviceAccountName")}

@@ -157,9 +157,10 @@ def test_fail_fast_failed_download(local_ray_env, tmp_path):
 
 
 def test_fail_fast_more_workers_than_cluster(ray_cluster, tmp_path):
-    proc = run_job("train.py", *SMALL, "--num-workers", 8, "--storage", tmp_path, "--name", "big", "--address", ray_cluster.address, env=ray_cluster.env, check=False, timeout=120)
+    storage = tmp_path / "runs"
+    proc = run_job("train.py", *SMALL, "--num-workers", 8, "--storage", storage, "--name", "big", "--address", ray_cluster.address, env=ray_cluster.env, check=False, timeout=120)
     assert "needs 8 CPU (cluster has 4)" in one_error_line(proc)
-    assert not (tmp_path / "big").exists()
+    assert not storage.exists(), "a refused run must write nothing, not even its storage folder"
 
 
 def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
