@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/generation.py                                    # CPU
     .venv/bin/python benchmarks/generation.py --gpus-per-actor 1 --num-actors 1 \\
-        --hidden 128 --blocks 15 --num-samples 200000 --batch-size 1024          # one GPU
+        --hidden 128 --blocks 15 --num-samples 200000 --batch-size 4096          # one GPU
     ... --sampler fused --dtype bfloat16                                         # the job's faster GPU settings
 
 The bare loop is ``pixelcnn.sample`` in this process using every CPU thread (or the GPU). The job is

@@ -77,7 +77,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
         extra["tiles"] = tiles
     if method in FAST_METHODS + FUSED_METHODS:
         fast = copy.deepcopy(model).to(torch.bfloat16) if method.endswith("bf16") else model
-        opts = dict(batch_size=batch, device=device, cuda_graph=method != "eager",
+        opts = dict(batch_size=batch, cuda_graph=method != "eager",
                     method="fused" if method in FUSED_METHODS else "cached")
         for seed in range(2 if gpu else 1):  # warm-up; on a GPU the second call captures the graph
             sample(fast, batch, seed=100 + seed, **opts)

@@ -10,13 +10,13 @@ The pipeline (the Ray touchpoints are marked below):
 Ids 0..N-1 are cut into shards of --rows-per-file ids; each shard becomes one Parquet file
 ``part-<first id>-<last id>.parquet``. Each actor loads the model once and runs the autoregressive
 sampler over its shard in batches of --batch-size. Image k depends only on (checkpoint, seed, k,
-temperature, labels, dtype), so batch size, actor count and retries never change it.
+temperature, labels, dtype, sampler), so batch size, actor count and retries never change it.
 
 Exactly once: every file is written whole under a temporary name and renamed (an S3 PUT is atomic
 already), so a visible part file is always complete. A rerun reads the ids already present and
 generates only the missing ones; a retried shard rewrites the same file name with the same rows.
-``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels, dtype),
-and a rerun against an output of another checkpoint, seed or dtype is refused. Files other than the
+``_manifest.json`` records what the output holds (checkpoint hash, seed, temperature, labels, dtype,
+sampler), and a rerun that changes any of them is refused. Files other than the
 part files start with ``_`` (``_manifest.json``, ``_preview.png``), which Parquet readers skip, so the
 whole folder reads as one dataset.
 """
@@ -48,8 +48,10 @@ from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  #
 MANIFEST = "_manifest.json"
 PREVIEW = "_preview.png"
 PART_PREFIX = "part-"
-# What determines the images: an output folder holds rows of exactly one such setting.
-IDENTITY = ("model_sha256", "seed", "temperature", "label_probs", "dtype")
+# What determines the images: an output folder holds rows of exactly one such setting. The sampler is
+# part of it: the samplers sum in different orders, so their draws part where one lands within rounding
+# of a CDF boundary, rarely in float32 but in most bfloat16 images.
+IDENTITY = ("model_sha256", "seed", "temperature", "label_probs", "dtype", "sampler")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="model: a run folder or checkpoint (folder or .pt), local or s3://")
     p.add_argument("--num-samples", type=int, required=True, help="generate ids 0..N-1")
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
-    p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label, dtype)")
+    p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label, dtype, sampler)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
     p.add_argument("--sampler", choices=METHODS, default="cached",
                    help="cached (fast), naive, or fused (PixelCNN on GPU actors: one Triton kernel per pixel step); "
@@ -194,6 +196,10 @@ def check_manifest(output: Storage, manifest: dict) -> None:
     stored = json.loads(stored)
     if "dtype" not in stored:  # its part files lack the dtype column: new ones would not read as one dataset
         raise JobError(f"{output.uri} was written by an older generate.py (no dtype column): use another --output")
+    if "sampler" not in stored:  # a manifest from before the sampler was part of it: its rows say which
+        files = part_files(output)
+        first = pq.read_table(files[0], columns=["sampler"], filesystem=output.fs) if files else None
+        stored["sampler"] = first.column("sampler")[0].as_py() if first else manifest["sampler"]
     changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
     if changed:
         raise JobError(
@@ -298,7 +304,7 @@ def main(argv=None) -> dict:
         manifest = {
             "checkpoint": checkpoint_uri, "model_sha256": hashlib.sha256(checkpoint).hexdigest(),
             "seed": args.seed, "temperature": args.temperature, "label_probs": probs, "dtype": args.dtype,
-            "data_shape": ckpt["data_shape"], "rows_per_file": args.rows_per_file,
+            "sampler": args.sampler, "data_shape": ckpt["data_shape"], "rows_per_file": args.rows_per_file,
         }
         check_manifest(output, manifest)
         shards = plan_shards(args.num_samples, existing_ids(output), args.rows_per_file)

@@ -122,7 +122,7 @@ def load_checkpoint(source: str | os.PathLike | bytes, *, name: str | None = Non
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {name} lacks {', '.join(missing)}")
-    if ckpt["model_class"] not in MODEL_CLASSES:
+    if not isinstance(ckpt["model_class"], str) or ckpt["model_class"] not in MODEL_CLASSES:
         raise CheckpointError(f"checkpoint {name} holds unknown model class {ckpt['model_class']!r}")
     return ckpt
 

@@ -40,7 +40,13 @@ def bits_per_dim(total_nll_nats: float, num_images: int, dims_per_image: int) ->
 
 @torch.no_grad()
 def evaluate(model, data: ImageData, *, batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
-    """Exact NLL of ``data`` under ``model``: ``{'bits_per_dim', 'nll_nats_per_image', 'images'}``."""
+    """Exact NLL of ``data`` under ``model``: ``{'bits_per_dim', 'nll_nats_per_image', 'images'}``.
+
+    ``data`` holds the model's levels: uint8 pixels for 256 levels, ``data.quantize``'s output for fewer."""
+    levels = (model.config if hasattr(model, "config") else model.module.config).levels
+    if len(data) and int(data.images.max()) >= levels:
+        raise ValueError(f"the data holds level {int(data.images.max())}, but the model has {levels} levels: "
+                         f"quantize it first (pixelcnn.data.quantize(images, {levels}))")
     was_training = model.training
     model.eval()
     total = 0.0

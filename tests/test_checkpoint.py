@@ -86,6 +86,25 @@ def test_weights_of_another_shape(tmp_path):
     assert "does not match" in one_line_error(path)
 
 
+@pytest.mark.parametrize("blocks,named", [(2, "Missing key"), (0, "Unexpected key")])
+def test_weights_of_another_depth(tmp_path, blocks, named):
+    """A config with more or fewer blocks than the weights: every tensor must be there, and no other."""
+    path = saved(tmp_path, PixelCNN(hidden=8, blocks=1))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["blocks"] = blocks
+    torch.save(ckpt, path)
+    message = one_line_error(path)
+    assert "does not match its model config" in message and named in message
+
+
+def test_a_model_class_that_is_not_a_name(tmp_path):
+    path = saved(tmp_path, PixelCNN(hidden=8, blocks=1))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_class"] = ["PixelCNN"]
+    torch.save(ckpt, path)
+    assert "unknown model class ['PixelCNN']" in one_line_error(path)
+
+
 def test_data_shape_mismatch(tmp_path):
     path = saved(tmp_path, PixelCNN(hidden=8, blocks=1))
     assert "trained on images [1, 28, 28]" in one_line_error(path, data_shape=(3, 32, 32))

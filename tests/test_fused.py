@@ -165,7 +165,8 @@ for channels, size, extra in [(1, (7, 5), dict(hidden=40)), (3, (4, 3), dict(num
         fused = sample(model, 20, seed=1, labels=labels, batch_size=20, method="fused", cuda_graph=graph)
         same = [k for k in range(20) if torch.equal(fused.images[k], reference.images[k])]
         for k in set(range(20)) - set(same):
-            assert explained_by_float_tie(cpu, reference.images[k], fused.images[k], 1, k), k
+            label = None if labels is None else labels[k]
+            assert explained_by_float_tie(cpu, reference.images[k], fused.images[k], 1, k, label), k
         assert len(same) >= 18 and torch.allclose(fused.log_prob[same], reference.log_prob[same], atol=1e-4)
     assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
     bf16 = sample(copy.deepcopy(model).bfloat16(), 20, seed=1, labels=labels, batch_size=20, method="fused")

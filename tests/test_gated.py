@@ -11,7 +11,9 @@ from pixelcnn import GatedPixelCNN, PixelCNN, load_checkpoint, load_dataset, loa
 from pixelcnn.checkpoint import checkpoint_dict
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import loss_per_dim, nll_per_image
-from pixelcnn.sampling import _GRAPHS, _GraphCache, _GraphedRun, _precision_settings, _stepper, sample_uniforms
+from pixelcnn.sampling import (
+    _GRAPHS, _GraphCache, _GraphedRun, _precision_settings, _sample_cached_graphed, _stepper, sample_uniforms,
+)
 from test_causality import input_jacobian_support, raster_order
 
 
@@ -250,15 +252,22 @@ def test_graph_cache_is_dropped_when_any_weight_changes():
 
 def test_graphs_are_keyed_on_precision_settings():
     """A graph replays the kernels chosen at its capture: one captured before TF32 was switched on (or
-    off) must not stand in for an eager run under the new setting."""
+    off) must not stand in for an eager run under the new setting. The graph cache's first sight of a
+    key runs eagerly (so this runs on the CPU): a changed setting must be a first sight again."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    model = sampler_model("pixelcnn", 1, (3, 2), {}, 0)
+    u = sample_uniforms(0, torch.arange(2), 6).view(2, 3, 2, 1)
     before = _precision_settings()
     matmul_before, conv_before = matmul.fp32_precision, conv.fp32_precision
     try:
+        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
         matmul.fp32_precision = "tf32"
         with_tf32_matmuls = _precision_settings()
+        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
         conv.fp32_precision = "ieee"
         assert len({before, with_tf32_matmuls, _precision_settings()}) == 3
+        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
+        assert [key[-1] for key in _GRAPHS[model].runs] == [before, with_tf32_matmuls, _precision_settings()]
     finally:
         matmul.fp32_precision, conv.fp32_precision = matmul_before, conv_before
 

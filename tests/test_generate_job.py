@@ -151,6 +151,27 @@ def test_an_output_without_the_dtype_column_is_not_resumed(tmp_path):
         check_manifest(open_storage(str(tmp_path), None), {**manifest, "dtype": "float32"})
 
 
+def test_an_output_holds_one_samplers_images(tmp_path):
+    """The samplers' draws part at CDF ties (most bfloat16 images): a rerun with another sampler is refused,
+    also where the manifest predates the sampler's place in it (its part files say which one wrote them)."""
+    from jobs.common import JobError, open_storage
+    from jobs.generate import MANIFEST, check_manifest, make_sink
+
+    output = open_storage(str(tmp_path), None)
+    old = {"model_sha256": "ab", "seed": 0, "temperature": 1.0, "label_probs": None, "dtype": "bfloat16"}
+    output.write(MANIFEST, json.dumps(old).encode())
+    check_manifest(output, {**old, "sampler": "cached"})  # no rows yet: any sampler may start them
+    block = sample_table(np.arange(2), torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.zeros(2), None, seed=0,
+                         temperature=1.0, sampler="naive", dtype="bfloat16", checkpoint="c", model_sha256="ab")
+    make_sink(output).write([block], None)
+    check_manifest(output, {**old, "sampler": "naive"})
+    with pytest.raises(JobError, match="sampler 'naive' -> 'cached'"):
+        check_manifest(output, {**old, "sampler": "cached"})
+    output.write(MANIFEST, json.dumps({**old, "sampler": "fused"}).encode())  # a new manifest names it
+    with pytest.raises(JobError, match="sampler 'fused' -> 'naive'"):
+        check_manifest(output, {**old, "sampler": "naive"})
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_two_requests_racing_for_a_fresh_output_one_claims_it(where, s3, tmp_path, monkeypatch):
     """Both found no manifest and went on; the one that claims the output second stops, rather than write
@@ -161,7 +182,8 @@ def test_of_two_requests_racing_for_a_fresh_output_one_claims_it(where, s3, tmp_
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     output = open_storage(str(tmp_path / "out") if where == "local" else f"s3://pixelcnn/race/{tmp_path.name}", None)
-    first = {"model_sha256": "ab", "seed": 0, "temperature": 1.0, "label_probs": None, "dtype": "float32"}
+    first = {"model_sha256": "ab", "seed": 0, "temperature": 1.0, "label_probs": None, "dtype": "float32",
+             "sampler": "cached"}
     second = {**first, "seed": 1}
     check_manifest(output, first)
     check_manifest(output, second)  # both see a fresh output

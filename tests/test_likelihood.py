@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from pixelcnn import PixelCNN, evaluate
-from pixelcnn.data import ImageData
+from pixelcnn.data import ImageData, quantize
 from pixelcnn.likelihood import bits_per_dim, nll_per_image
 
 
@@ -33,3 +34,13 @@ def test_evaluate_is_exact_and_independent_of_batch_size():
         model.output_conv.weight.zero_()
         model.output_conv.bias.zero_()
     assert abs(evaluate(model, data, batch_size=10)["bits_per_dim"] - 8.0) < 1e-9
+
+
+def test_a_model_with_fewer_levels_takes_quantized_data_and_refuses_pixels():
+    torch.manual_seed(0)
+    model = PixelCNN(image_size=(6, 6), hidden=8, blocks=1, levels=4)
+    pixels = ImageData(torch.randint(0, 256, (9, 1, 6, 6), dtype=torch.uint8), torch.zeros(9, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"holds level \d+, but the model has 4 levels: quantize it first"):
+        evaluate(model, pixels)
+    result = evaluate(model, ImageData(quantize(pixels.images, 4), pixels.labels, 1))
+    assert 0 < result["bits_per_dim"] < 4 and result["images"] == 9  # ~2 bits: near uniform over 4 levels

@@ -115,14 +115,16 @@ def test_cached_equals_naive_float64(channels, size, seed, temperature, batches)
     assert torch.allclose(naive.log_prob, cached.log_prob, atol=1e-9, rtol=0)
 
 
-def explained_by_float_tie(model, a, b, u_seed, sample_id, atol=1e-4):
-    """Where two float32 samplers disagree, the first differing draw must sit on a CDF boundary."""
+def explained_by_float_tie(model, a, b, u_seed, sample_id, label=None, atol=1e-4):
+    """Where two float32 samplers disagree, the first differing draw must sit on a CDF boundary (``label``:
+    the sample's class, for a conditional model)."""
     channels, height, width = a.shape
     u = sample_uniforms(u_seed, [sample_id], channels * height * width).view(height, width, channels)
     diff = [(i, j, c) for i in range(height) for j in range(width) for c in range(channels) if a[c, i, j] != b[c, i, j]]
     i, j, c = diff[0]
     with torch.no_grad():
-        logits = model(levels_to_input(a[None].long(), 256).float())[0, :, c, i, j].double()
+        labels = None if label is None else torch.as_tensor(label).view(1)
+        logits = model(levels_to_input(a[None].long(), 256).float(), labels)[0, :, c, i, j].double()
     cdf = torch.softmax(logits, 0).cumsum(0)
     return (cdf - u[i, j, c]).abs().min() < atol
 

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from pixelcnn import CheckpointError, GatedPixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import load_checkpoint
+from pixelcnn.likelihood import loss_per_dim, model_logits
 from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
 
 if str(REPO) not in sys.path:
@@ -51,6 +52,29 @@ def test_without_ema_the_raw_weights_are_the_model(tmp_path):
     final, ckpt, _ = run(tmp_path, "raw", ema=0.0, max_steps=2)
     assert "raw_state" not in ckpt["training"]
     assert final["test_bits_per_dim"] == final["test_bits_per_dim_raw"]
+
+
+def test_ema_model_carries_the_raw_models_batchnorm_statistics(tmp_path):
+    """Buffers are copied, not averaged: the saved (EMA) model normalises with the statistics training
+    gathered, not with its initial zeros and ones."""
+    _, ckpt, _ = run(tmp_path, "ema-bn", ema=0.9, model="pixelcnn", hidden=8, blocks=1, norm="batch", max_steps=2)
+    raw, averaged = ckpt["training"]["raw_state"], ckpt["model_state"]
+    buffers = [k for k in raw if "running_" in k or "num_batches_tracked" in k]
+    assert buffers and all(torch.equal(raw[k], averaged[k]) for k in buffers)
+    assert any(float(raw[k].abs().sum()) > 0 for k in buffers if "running_mean" in k)
+
+
+def test_reported_train_loss_is_the_mean_cross_entropy_in_bits(tmp_path):
+    """train_bits_per_dim after one step: that step's loss (the initial model on the first batch) / ln 2."""
+    final, _, _ = run(tmp_path, "loss", ema=0.0, max_steps=1)
+    config = TrainConfig(**TINY)
+    data = load_dataset("synthetic", None, train=True, subset=TINY["subset"])
+    batch = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100003))[:config.batch_size]
+    torch.manual_seed(config.seed)
+    model = GatedPixelCNN(config.model_config())
+    with torch.no_grad():
+        loss = loss_per_dim(model_logits(model, data.images[batch], data.labels[batch]), data.images[batch])
+    assert final["train_bits_per_dim"] == pytest.approx(float(loss) / math.log(2), rel=1e-5)
 
 
 def test_ema_update_follows_its_formula():
