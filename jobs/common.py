@@ -47,6 +47,13 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def interrupted() -> None:
+    """Ctrl-C: one line, and the shell's status for SIGINT. Every file a job writes is whole (checkpoints,
+    part files), so the same command again resumes."""
+    print("error: interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """How to reach S3 (never credentials): picklable, so workers can open the same storage."""
@@ -83,7 +90,8 @@ class S3Settings:
         bucket, key = path.split("/", 1)
         endpoint = self.endpoint if not self.endpoint or "://" in self.endpoint else f"https://{self.endpoint}"
         try:
-            client = boto3.client("s3", endpoint_url=endpoint, region_name=self.region or "us-east-1")
+            # A session of its own: boto3's default one keeps the credentials it first found.
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=self.region or "us-east-1")
             client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
         except ClientError as error:
@@ -207,8 +215,12 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Workers inherit the driver's sys.path, so they can import `jobs` and `pixelcnn` too.
-        ray.init(address="local", log_to_driver=True)
+        # Ray gives workers the driver's script folder (jobs/) and working directory, not the repo root
+        # the script put on its own sys.path: without it a job started from another folder could not
+        # import `jobs` (whose Storage objects travel to the workers) or an uninstalled `pixelcnn`.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pythonpath = os.pathsep.join(path for path in (root, os.environ.get("PYTHONPATH")) if path)
+        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
 def shutdown_ray() -> None:
@@ -218,14 +230,23 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+# Where a worker's error text chains tracebacks, the innermost error ends before the first of these.
+CHAINED_TRACEBACK = ("The above exception was the direct cause", "During handling of the above exception")
+
+
 def root_cause(error: BaseException) -> str:
-    """The last line of the innermost error that says something: worker errors arrive wrapped around a
-    traceback snippet, and Ray Data raises an internal error "from" an empty ``SystemException()``."""
+    """The last line of the innermost error that says something. Worker errors arrive as text: the
+    worker's traceback, ending in the user's error, or chained tracebacks (a failed Ray Data task: the
+    user's error, then Ray's advice on retries), whose innermost error comes first. And Ray Data raises
+    an internal error "from" an empty ``SystemException()``."""
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     for cause in reversed(chain):
-        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        text = str(cause)
+        for marker in CHAINED_TRACEBACK:
+            text = text.split(marker, 1)[0]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
             return lines[-1][:500]
     return type(error).__name__

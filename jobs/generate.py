@@ -40,7 +40,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, interrupted, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -48,6 +48,7 @@ from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  #
 MANIFEST = "_manifest.json"
 PREVIEW = "_preview.png"
 PART_PREFIX = "part-"
+WRITE_CPUS = 0.25  # per Parquet write task (encoding and upload of one shard's file)
 # What determines the images: an output folder holds rows of exactly one such setting. The sampler is
 # part of it: the samplers sum in different orders, so their draws part where one lands within rounding
 # of a CDF boundary, rarely in float32 but in most bfloat16 images.
@@ -94,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not -2**63 <= args.seed < 2**63:  # the random streams hash it as a 64-bit integer
+        p.error(f"--seed must be between -2**63 and 2**63 - 1, got {args.seed}")
     if not 0 < args.temperature < math.inf:
         p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
     if not 0 <= args.gpus_per_actor < math.inf or args.preview < 0:  # (NaN fails a comparison)
@@ -202,18 +205,21 @@ def check_manifest(output: Storage, manifest: dict) -> None:
         stored["sampler"] = first.column("sampler")[0].as_py() if first else manifest["sampler"]
     changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
     if changed:
-        raise JobError(
-            f"{output.uri} holds samples of another request "
-            f"({', '.join(f'{k} {stored.get(k)!r} -> {manifest[k]!r}' for k in changed)}): "
-            "use another --output"
-        )
+        what = ', '.join(f'{k} {stored.get(k)!r} -> {manifest[k]!r}' for k in changed)
+        if not part_files(output):  # claimed by a request that wrote no rows: it failed, or is starting now
+            raise JobError(f"{output.uri} is claimed by another request ({what}) that has written no rows yet: "
+                           f"if none is running, delete {MANIFEST} there; or use another --output")
+        raise JobError(f"{output.uri} holds samples of another request ({what}): use another --output")
 
 
 def claim_output(output: Storage, manifest: dict) -> None:
     """Create the manifest once the request is known to run (so a refused one leaves the output
     untouched), unless one exists, then check the one that stands. Creating is exclusive, so of two
     requests that both found a fresh output one creates it and the other, if it differs, stops here."""
-    output.create(MANIFEST, json.dumps(manifest, indent=1).encode())
+    try:
+        output.create(MANIFEST, json.dumps(manifest, indent=1).encode())
+    except OSError as error:  # on S3 a conditional PUT through boto3, which finds credentials its own way
+        raise JobError(f"cannot write to {output.uri}: {' '.join(str(error).split())[:300]}") from None
     check_manifest(output, manifest)
 
 
@@ -318,6 +324,8 @@ def main(argv=None) -> dict:
             write_preview(output, min(args.preview, args.num_samples))
     except (JobError, CheckpointError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        interrupted()
     except Exception as error:  # an actor's or the sink's error, re-raised by Ray Data: one line
         fail(f"generation failed: {root_cause(error)}")
     finally:
@@ -348,7 +356,7 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         actors = max_actors or num_actors
         # CPU actors get fractional CPUs, leaving room for the tasks that feed and write the pool:
         # a pool that takes every CPU hangs.
-        cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 0.5) / actors)
+        cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 2 * WRITE_CPUS) / actors)
     have = ray.cluster_resources()
     for resource, per_actor in (("GPU", args.gpus_per_actor), ("CPU", cpus)):  # else the pool waits for ever
         need = per_actor * (min_actors or num_actors)
@@ -376,7 +384,9 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         num_cpus=cpus,
         fn_constructor_kwargs={"checkpoint": checkpoint, "settings": settings},
     )
-    dataset.write_datasink(make_sink(output))
+    # Write tasks take a fraction of a CPU: a whole one (Ray's default) would not fit beside actors that
+    # leave half a CPU free, and every file would wait until the last shard was sampled.
+    dataset.write_datasink(make_sink(output), ray_remote_args={"num_cpus": WRITE_CPUS})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, interrupted, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import DATASETS, DataError, load_dataset  # noqa: E402
 from pixelcnn.models import NORMS  # noqa: E402
@@ -31,8 +31,6 @@ from pixelcnn.training import AMP_MODES, MODELS, SCHEDULES, Runtime, TrainConfig
 
 # Flags that define what is trained: a rerun of --name must keep them (others, such as --epochs or
 # --lr, may change to extend a run).
-# A finished run with the same identity and these is done: rerunning it trains nothing.
-RUN_LENGTH = ("epochs", "max_steps")
 RUN_IDENTITY = (
     "dataset", "subset", "model", "hidden", "blocks", "norm", "layers", "kernel_size", "conditional", "batch_size",
     "seed",
@@ -110,6 +108,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     size = f"l{cfg.layers}-k{cfg.kernel_size}" if cfg.model == "gated" else f"b{cfg.blocks}"
     args.name = args.name or f"{cfg.dataset}-{cfg.model}-h{cfg.hidden}-{size}"
+    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:  # the run folder is <storage>/<name>
+        p.error(f"--name must be one folder name (no '/', not '.' or '..'), got {args.name!r}")
     return cfg, args
 
 
@@ -240,9 +240,11 @@ def main(argv=None) -> dict:
         check_bucket(storage)  # reading only: the write probe waits until the run is going to write
         previous = last_metrics(run)
         stored = check_run_config(run, cfg, reported=previous is not None)
-        same_run = all(stored.get(k) == getattr(cfg, k) for k in RUN_IDENTITY + RUN_LENGTH) if stored else False
-        if same_run and previous and previous.get("done"):
-            print(f"run {run.uri} already finished at step {previous['step']}: nothing to train", flush=True)
+        # A run already as long as this request asks (whole epochs, or --max-steps) trains nothing; a
+        # shorter request would only start Ray to find so, and record its shorter length in config.json.
+        if stored and (previous["epoch"] >= cfg.epochs or (cfg.max_steps and previous["step"] >= cfg.max_steps)):
+            print(f"run {run.uri} already trained to step {previous['step']} ({previous['epoch']} epochs), "
+                  "as far as --epochs/--max-steps ask: nothing to train", flush=True)
             print(json.dumps(previous), flush=True)
             return previous
         init_ray(args.address)
@@ -268,9 +270,14 @@ def main(argv=None) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=args.keep_checkpoints),
             ),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit()
+            interrupted()
     except (JobError, DataError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        interrupted()
     except Exception as error:  # a worker's error, re-raised by fit(): one line, not a wall of traces
         fail(f"training failed: {root_cause(error)}")
     finally:

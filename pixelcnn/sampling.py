@@ -141,6 +141,8 @@ def sample(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**63 - 1), got {seed}")
     cfg = model.config
     labels = _sample_labels(cfg, labels, len(ids))
     param = next(model.parameters())

@@ -148,6 +148,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if abs(self.seed) >= 2**32:  # the per-epoch and per-step seeds derived from it must fit torch's 64 bits
+            raise ValueError(f"--seed must be between -{2**32 - 1} and {2**32 - 1}, got {self.seed}")
 
     def model_config(self, data: ImageData | None = None):
         """The model's config for this run's dataset (shape from the data or the dataset table)."""

@@ -1,6 +1,7 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
 import json
+import signal
 import subprocess
 import time
 
@@ -278,8 +279,105 @@ def test_a_failure_inside_ray_data_is_named_by_its_own_message():
     assert root_cause(wrapped) == "'inner'"
 
 
+RAY_DATA_ACTOR_FAILURE = """
+import sys
+import ray
+from jobs.common import root_cause
+
+class Fails:
+    def __call__(self, batch):
+        raise OverflowError("the user's own message")
+
+ray.init(address="local", include_dashboard=False)
+try:
+    ray.data.from_items([{"x": 1}]).map_batches(Fails, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
+                                                num_cpus=0.5).materialize()
+except Exception as error:
+    print("ROOT CAUSE:", root_cause(error))
+"""
+
+
+def test_an_actors_error_is_named_by_its_own_message(local_ray_env, tmp_path):
+    """A failed Ray Data task's error text chains the user's traceback and then Ray's advice on retries:
+    the one error line is the user's error."""
+    proc = subprocess.run([PYTHON, "-c", RAY_DATA_ACTOR_FAILURE], cwd=REPO, env=local_ray_env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ROOT CAUSE:")]
+    assert lines == ["ROOT CAUSE: OverflowError: the user's own message"], proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_a_job_started_from_another_folder(checkpoints, local_ray_env, tmp_path):
+    """The workers import `jobs` (the sink's Storage travels to them) from the repo root, wherever the
+    driver was started."""
+    proc = subprocess.run([PYTHON, str(REPO / "jobs" / "generate.py"), "--checkpoint", str(checkpoints["plain"]),
+                           "--num-samples", "6", "--rows-per-file", "3", "--output", "out"],
+                          cwd=tmp_path, env=local_ray_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == list(range(6))
+
+
+def test_a_manifest_that_cannot_be_written_is_one_error_line(s3, monkeypatch):
+    """The manifest's exclusive create goes through boto3, not Arrow: its failure (here: no credentials)
+    is a JobError naming the output, not a traceback."""
+    from jobs.common import JobError, open_storage
+    from jobs.generate import claim_output
+
+    for name, value in s3.env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    output = open_storage("s3://pixelcnn/no-credentials", None)
+    with pytest.raises(JobError, match="^cannot write to s3://pixelcnn/no-credentials: Unable to locate credentials"):
+        claim_output(output, {"model_sha256": "ab", "seed": 0, "temperature": 1.0, "label_probs": None,
+                              "dtype": "float32", "sampler": "cached"})
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_completes(checkpoints, local_ray_env, tmp_path):
+    """Ctrl-C mid-run: one error line and status 130; the part files written are whole, so the same
+    command again fills in the rest, every id once."""
+    out = tmp_path / "out"
+    args = [PYTHON, "jobs/generate.py", "--checkpoint", str(checkpoints["plain"]), "--num-samples", "3000",
+            "--rows-per-file", "50", "--output", str(out)]
+    job = subprocess.Popen(args, cwd=REPO, env=local_ray_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out.exists() and any(p.suffix == ".parquet" for p in out.iterdir())):
+            assert time.time() < deadline and job.poll() is None, "no part file appeared"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+    assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 3000, "interrupted too late to test a resume"
+    run_job("generate.py", *args[2:], env=local_ray_env)
+    assert sorted(pads.dataset(str(out), format="parquet").to_table().column("id").to_pylist()) == list(range(3000))
+
+
+def test_a_claimed_output_without_rows_says_how_to_free_it(tmp_path):
+    """A request that failed before its first part file leaves only its manifest: another request is told
+    that no rows are there and what to delete, not that the folder holds samples."""
+    from jobs.common import JobError, open_storage
+    from jobs.generate import MANIFEST, claim_output
+
+    output = open_storage(str(tmp_path), None)
+    first = {"model_sha256": "ab", "seed": 5, "temperature": 1.0, "label_probs": None, "dtype": "float32",
+             "sampler": "cached"}
+    claim_output(output, first)
+    with pytest.raises(JobError, match=r"claimed by another request \(seed 5 -> 6\) that has written no rows yet: "
+                                       r"if none is running, delete _manifest.json there"):
+        claim_output(output, {**first, "seed": 6})
+    assert json.loads(output.read(MANIFEST)) == first
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
-                                  "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "gpus-nan", "other-seed"])
+                                  "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "gpus-nan", "other-seed",
+                                  "seed-range"])
 def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     env = {**local_ray_env, **s3.env}
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
@@ -311,6 +409,8 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         extra = ["--cpus-per-actor", 0]
     elif case == "gpus-nan":  # NaN is neither negative nor more than the cluster has
         extra = ["--gpus-per-actor", "nan"]
+    elif case == "seed-range":  # the random streams hash a 64-bit seed
+        extra = ["--seed", 2**64]
     elif case == "other-seed":
         run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
         extra = ["--seed", 2]
@@ -326,6 +426,7 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
         "cpus": "64 CPUs needed for the sampler actors, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
         "gpus-nan": "--gpus-per-actor and --preview must be >= 0",
+        "seed-range": "--seed must be between -2**63 and 2**63 - 1",
     }[case]
     assert expected in line, line
     assert "usage:" not in proc.stderr and "If you are seeing this error" not in line, proc.stderr  # torch's advice cut

@@ -186,3 +186,5 @@ def test_bad_arguments():
         sample(model)
     with pytest.raises(ValueError, match="unconditional"):
         sample(model, 2, labels=1)
+    with pytest.raises(ValueError, match="seed must be a 64-bit integer"):
+        sample(model, 2, seed=2**63)

@@ -59,11 +59,12 @@ def test_rerun_of_finished_run_trains_nothing(ray_cluster, s3):
     args = [*SMALL, "--max-steps", 2, "--storage", "s3://pixelcnn/runs", "--name", "rerun", "--address", ray_cluster.address]
     run_job("train.py", *args, env=ray_cluster.env)
     before = {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", "runs/rerun/")}
-    proc = run_job("train.py", *args, env=ray_cluster.env)
-    assert "already finished at step 2" in proc.stdout
-    assert last_json_line(proc.stdout)["step"] == 2
-    after = {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", "runs/rerun/")}
-    assert after == before
+    for shorter in ([], ["--max-steps", 1]):  # the same request again, or one that asks for less
+        proc = run_job("train.py", *args, *shorter, env=ray_cluster.env)
+        assert "already trained to step 2 (0 epochs), as far as --epochs/--max-steps ask: nothing to train" in proc.stdout
+        assert last_json_line(proc.stdout)["step"] == 2
+        after = {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", "runs/rerun/")}
+        assert after == before
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, s3):
@@ -183,6 +184,8 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     ("--subset", 10, "--batch-size 128 exceeds --subset 10"),
     ("--grad-clip", -1, "--grad-clip must be >= 0"),
     ("--batch-siz", 64, "unrecognized arguments: --batch-siz"),  # a prefix is not taken for --batch-size
+    ("--name", "../elsewhere", "--name must be one folder name"),  # the run would land outside --storage
+    ("--seed", 2**32, "--seed must be between"),  # derived seeds would overflow inside the workers
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them, in one line (no usage dump)."""

@@ -179,7 +179,7 @@ def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
     ({"warmup_steps": -1}, "--warmup-steps"), ({"layers": 0}, "--layers"), ({"grad_clip": -1.0}, "--grad-clip"),
     ({"schedule": "constant", "lr_decay": 0.0}, "--lr-decay must be > 0"), ({"blocks": -1}, "--blocks"),
     ({"norm": "layer"}, "--norm"), ({"lr": math.nan}, "--lr must be a finite number"),
-    ({"weight_decay": math.inf}, "--weight-decay must be a finite number"),
+    ({"weight_decay": math.inf}, "--weight-decay must be a finite number"), ({"seed": 2**32}, "--seed must be between"),
 ])
 def test_bad_recipe_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match) as info:
