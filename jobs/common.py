@@ -217,10 +217,11 @@ def init_ray(address: str | None) -> None:
     else:
         # Ray gives workers the driver's script folder (jobs/) and working directory, not the repo root
         # the script put on its own sys.path: without it a job started from another folder could not
-        # import `jobs` (whose Storage objects travel to the workers) or an uninstalled `pixelcnn`.
+        # import `jobs` (whose Storage objects travel to the workers) or an uninstalled `pixelcnn`. The
+        # in-process Ray's workers inherit this process's environment.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        pythonpath = os.pathsep.join(path for path in (root, os.environ.get("PYTHONPATH")) if path)
-        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        os.environ["PYTHONPATH"] = os.pathsep.join(path for path in (root, os.environ.get("PYTHONPATH")) if path)
+        ray.init(address="local", log_to_driver=True)
 
 
 def shutdown_ray() -> None:
