@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import uuid
 from functools import cached_property
@@ -220,7 +221,8 @@ def init_ray(address: str | None) -> None:
         # import `jobs` (whose Storage objects travel to the workers) or an uninstalled `pixelcnn`. The
         # in-process Ray's workers inherit this process's environment.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        os.environ["PYTHONPATH"] = os.pathsep.join(path for path in (root, os.environ.get("PYTHONPATH")) if path)
+        paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + [path for path in paths if path != root])
         ray.init(address="local", log_to_driver=True)
 
 
@@ -231,23 +233,24 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-# Where a worker's error text chains tracebacks, the innermost error ends before the first of these.
-CHAINED_TRACEBACK = ("The above exception was the direct cause", "During handling of the above exception")
+# A worker's error arrives as text: its tracebacks joined by these lines, the innermost first.
+CHAINED_TRACEBACK_MARKERS = re.compile(
+    r"^\s*(?:The above exception was the direct cause|During handling of the above exception).*$", re.MULTILINE)
+# Ray's own wrappers around a user's error (Ray Data adds a UserCodeException with advice on retries).
+RAY_WRAPPER = re.compile(r"^\s*ray\.(?:data\.)?exceptions\.\w+", re.MULTILINE)
 
 
 def root_cause(error: BaseException) -> str:
-    """The last line of the innermost error that says something. Worker errors arrive as text: the
-    worker's traceback, ending in the user's error, or chained tracebacks (a failed Ray Data task: the
-    user's error, then Ray's advice on retries), whose innermost error comes first. And Ray Data raises
-    an internal error "from" an empty ``SystemException()``."""
+    """One line naming what went wrong: the last line of the innermost error that says something (Ray
+    Data raises an internal error "from" an empty ``SystemException()``). A worker's error text chains
+    tracebacks: of those not raised by Ray itself, the last one's last line, the user's own message."""
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     for cause in reversed(chain):
-        text = str(cause)
-        for marker in CHAINED_TRACEBACK:
-            text = text.split(marker, 1)[0]
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        parts = CHAINED_TRACEBACK_MARKERS.split(str(cause))
+        parts = [part for part in parts if not RAY_WRAPPER.search(part)] or parts
+        lines = [line.strip() for line in parts[-1].splitlines() if line.strip()]
         if lines:
             return lines[-1][:500]
     return type(error).__name__

@@ -191,22 +191,23 @@ def plan_shards(num_samples: int, done: np.ndarray, rows_per_file: int) -> list[
 
 def check_manifest(output: Storage, manifest: dict) -> None:
     """Refuse an output that holds samples of another request (or of something else)."""
-    stored = output.read(MANIFEST)
+    stored, files = output.read(MANIFEST), part_files(output)
     if stored is None:
-        if part_files(output):
+        if files:
             raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
         return
     stored = json.loads(stored)
     if "dtype" not in stored:  # its part files lack the dtype column: new ones would not read as one dataset
         raise JobError(f"{output.uri} was written by an older generate.py (no dtype column): use another --output")
     if "sampler" not in stored:  # a manifest from before the sampler was part of it: its rows say which
-        files = part_files(output)
-        first = pq.read_table(files[0], columns=["sampler"], filesystem=output.fs) if files else None
-        stored["sampler"] = first.column("sampler")[0].as_py() if first else manifest["sampler"]
+        stored["sampler"] = manifest["sampler"]  # (none yet: any may start them)
+        if files:
+            rows = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(columns=["sampler"])
+            stored["sampler"] = "+".join(sorted(set(rows.column("sampler").to_pylist())))  # "a+b" matches none
     changed = [k for k in IDENTITY if stored.get(k) != manifest[k]]
     if changed:
         what = ', '.join(f'{k} {stored.get(k)!r} -> {manifest[k]!r}' for k in changed)
-        if not part_files(output):  # claimed by a request that wrote no rows: it failed, or is starting now
+        if not files:  # claimed by a request that wrote no rows: it failed, or is starting now
             raise JobError(f"{output.uri} is claimed by another request ({what}) that has written no rows yet: "
                            f"if none is running, delete {MANIFEST} there; or use another --output")
         raise JobError(f"{output.uri} holds samples of another request ({what}): use another --output")
@@ -351,18 +352,20 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
     num_actors = min(args.num_actors, len(shards))
     min_actors = None if args.min_actors is None else min(args.min_actors, len(shards))
     max_actors = None if args.max_actors is None else min(args.max_actors, len(shards))
+    have = ray.cluster_resources()
+    # The actors leave CPU for two write tasks at a time: with none left the files would wait for the
+    # pool to finish (the whole request held in memory, nothing on disk if it crashes), and a pool
+    # that takes every CPU can hang.
+    writes = 2 * WRITE_CPUS
     cpus = args.cpus_per_actor
     if cpus is None:
-        actors = max_actors or num_actors
-        # CPU actors get fractional CPUs, leaving room for the tasks that feed and write the pool:
-        # a pool that takes every CPU hangs.
-        cpus = 1.0 if args.gpus_per_actor else max(0.25, (ray.cluster_resources().get("CPU", 1) - 2 * WRITE_CPUS) / actors)
-    have = ray.cluster_resources()
-    for resource, per_actor in (("GPU", args.gpus_per_actor), ("CPU", cpus)):  # else the pool waits for ever
-        need = per_actor * (min_actors or num_actors)
-        if need > have.get(resource, 0) and not args.wait_for_resources:
-            raise JobError(f"{need:g} {resource}s needed for the sampler actors, the cluster has "
-                           f"{have.get(resource, 0):g} (--wait-for-resources on an autoscaling cluster)")
+        cpus = 1.0 if args.gpus_per_actor else max(0.25, (have.get("CPU", 1) - writes) / (max_actors or num_actors))
+    actors = min_actors or num_actors
+    for resource, need, users in (("GPU", args.gpus_per_actor * actors, "the sampler actors"),
+                                  ("CPU", cpus * actors + writes, "the sampler actors and their Parquet writes")):
+        if need > have.get(resource, 0) and not args.wait_for_resources:  # else the pool waits for ever
+            raise JobError(f"{need:g} {resource}s needed for {users}, the cluster has {have.get(resource, 0):g}: "
+                           "fewer --num-actors or --cpus-per-actor, or --wait-for-resources on an autoscaling cluster")
     check_writable(output)
     claim_output(output, manifest)
     settings = {
@@ -384,8 +387,8 @@ def run_pipeline(args, output: Storage, checkpoint: bytes, manifest: dict, shard
         num_cpus=cpus,
         fn_constructor_kwargs={"checkpoint": checkpoint, "settings": settings},
     )
-    # Write tasks take a fraction of a CPU: a whole one (Ray's default) would not fit beside actors that
-    # leave half a CPU free, and every file would wait until the last shard was sampled.
+    # Write tasks take a fraction of a CPU: a whole one (Ray's default) would not fit in what the actors
+    # leave, and every file would wait until the last shard was sampled.
     dataset.write_datasink(make_sink(output), ray_remote_args={"num_cpus": WRITE_CPUS})
 
 

@@ -108,7 +108,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     cfg.data_dir = os.path.abspath(cfg.data_dir)
     size = f"l{cfg.layers}-k{cfg.kernel_size}" if cfg.model == "gated" else f"b{cfg.blocks}"
     args.name = args.name or f"{cfg.dataset}-{cfg.model}-h{cfg.hidden}-{size}"
-    if args.name in ("", ".", "..") or "/" in args.name or "\\" in args.name:  # the run folder is <storage>/<name>
+    if args.name in (".", "..") or "/" in args.name or "\\" in args.name:  # the run folder is <storage>/<name>
         p.error(f"--name must be one folder name (no '/', not '.' or '..'), got {args.name!r}")
     return cfg, args
 
@@ -203,6 +203,12 @@ def check_run_config(run: Storage, cfg: TrainConfig, reported: bool) -> dict | N
     return stored
 
 
+def already_trained(previous: dict, cfg: TrainConfig) -> bool:
+    """Whether the run's last report is as far as ``cfg`` asks (whole epochs, or --max-steps): then a
+    rerun trains nothing, rather than start Ray to find so and record a shorter length in config.json."""
+    return previous["epoch"] >= cfg.epochs or (cfg.max_steps is not None and previous["step"] >= cfg.max_steps)
+
+
 def last_metrics(run: Storage) -> dict | None:
     lines = (run.read("metrics.jsonl") or b"").decode().strip().splitlines()
     return json.loads(lines[-1]) if lines else None
@@ -240,9 +246,7 @@ def main(argv=None) -> dict:
         check_bucket(storage)  # reading only: the write probe waits until the run is going to write
         previous = last_metrics(run)
         stored = check_run_config(run, cfg, reported=previous is not None)
-        # A run already as long as this request asks (whole epochs, or --max-steps) trains nothing; a
-        # shorter request would only start Ray to find so, and record its shorter length in config.json.
-        if stored and (previous["epoch"] >= cfg.epochs or (cfg.max_steps and previous["step"] >= cfg.max_steps)):
+        if stored and already_trained(previous, cfg):
             print(f"run {run.uri} already trained to step {previous['step']} ({previous['epoch']} epochs), "
                   "as far as --epochs/--max-steps ask: nothing to train", flush=True)
             print(json.dumps(previous), flush=True)

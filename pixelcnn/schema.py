@@ -2,7 +2,7 @@
 
 | column        | type                 | meaning                                                       |
 |---------------|----------------------|---------------------------------------------------------------|
-| id            | int64                | sample id k in 0..N-1; the image depends only on (checkpoint, seed, k, temperature, label, dtype) |
+| id            | int64                | sample id k in 0..N-1; the image depends only on (checkpoint, seed, k, temperature, label, dtype, sampler) |
 | seed          | int64                | the request's seed                                            |
 | image_png     | binary               | lossless PNG of the uint8 image (grayscale "L" or "RGB")      |
 | height, width, channels | int32      | image shape                                                   |
@@ -10,7 +10,7 @@
 | log_prob      | float64              | log p(image) under the model (temperature 1), nats            |
 | bits_per_dim  | float64              | -log_prob / (H * W * C * ln 2)                                 |
 | temperature   | float64              | softmax temperature used to draw                              |
-| sampler       | string               | "cached", "naive" or "fused" (the same images, up to float ties) |
+| sampler       | string               | "cached", "naive" or "fused" (their draws part at float ties: rarely in float32, in most bfloat16 images) |
 | dtype         | string               | "float32" or "bfloat16": the precision the model sampled in (and log_prob's) |
 | checkpoint    | string               | URI of the checkpoint                                         |
 | model_sha256  | string               | SHA-256 of the checkpoint file                                |

@@ -59,9 +59,9 @@ class TrainConfig:
     norm: str = "none"  # pixelcnn only
     # gated only. 12 layers of 5-wide kernels reach 27 rows up and 26 columns to either side: in a 28x28
     # image every earlier pixel but those 27 columns away (a pixel in the first column does not see the
-    # last column above it, and the reverse), which MNIST's blank border makes no loss. With hidden=128 that is 8.5M weights (2.2M at 64, the
-    # model's own default): the GPU recipe spends them, as EMA and the reported test figure guard
-    # against overfitting; on a CPU pass a smaller --hidden.
+    # last column above it, and the reverse), which MNIST's blank border makes no loss. With hidden=128
+    # that is 8.5M weights (2.2M at 64, the model's own default): the GPU recipe spends them, as EMA and
+    # the reported test figure guard against overfitting; on a CPU pass a smaller --hidden.
     layers: int = 12
     kernel_size: int = 5
     # gated only. Off by default: a regulariser to turn on if test NLL rises while train NLL falls

@@ -166,8 +166,13 @@ def test_an_output_holds_one_samplers_images(tmp_path):
                          temperature=1.0, sampler="naive", dtype="bfloat16", checkpoint="c", model_sha256="ab")
     make_sink(output).write([block], None)
     check_manifest(output, {**old, "sampler": "naive"})
-    with pytest.raises(JobError, match="sampler 'naive' -> 'cached'"):
+    with pytest.raises(JobError, match="holds samples of another request \\(sampler 'naive' -> 'cached'\\)"):
         check_manifest(output, {**old, "sampler": "cached"})
+    cached = sample_table(np.arange(2, 4), torch.zeros(2, 1, 3, 3, dtype=torch.uint8), torch.zeros(2), None, seed=0,
+                          temperature=1.0, sampler="cached", dtype="bfloat16", checkpoint="c", model_sha256="ab")
+    make_sink(output).write([cached], None)
+    with pytest.raises(JobError, match="sampler 'cached\\+naive' -> 'naive'"):  # rows of two samplers: no third
+        check_manifest(output, {**old, "sampler": "naive"})
     output.write(MANIFEST, json.dumps({**old, "sampler": "fused"}).encode())  # a new manifest names it
     with pytest.raises(JobError, match="sampler 'fused' -> 'naive'"):
         check_manifest(output, {**old, "sampler": "naive"})
@@ -286,7 +291,10 @@ from jobs.common import root_cause
 
 class Fails:
     def __call__(self, batch):
-        raise OverflowError("the user's own message")
+        try:
+            {}["levels"]
+        except KeyError as error:
+            raise OverflowError("the user's own message") from error
 
 ray.init(address="local", include_dashboard=False)
 try:
@@ -298,8 +306,8 @@ except Exception as error:
 
 
 def test_an_actors_error_is_named_by_its_own_message(local_ray_env, tmp_path):
-    """A failed Ray Data task's error text chains the user's traceback and then Ray's advice on retries:
-    the one error line is the user's error."""
+    """A failed Ray Data task's error text chains the user's tracebacks (here an error raised from
+    another) and then Ray's wrapper with its advice on retries: the one error line is the user's error."""
     proc = subprocess.run([PYTHON, "-c", RAY_DATA_ACTOR_FAILURE], cwd=REPO, env=local_ray_env, capture_output=True,
                           text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ROOT CAUSE:")]
@@ -325,7 +333,9 @@ def test_a_manifest_that_cannot_be_written_is_one_error_line(s3, monkeypatch):
 
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
@@ -410,7 +420,7 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     elif case == "gpus-nan":  # NaN is neither negative nor more than the cluster has
         extra = ["--gpus-per-actor", "nan"]
     elif case == "seed-range":  # the random streams hash a 64-bit seed
-        extra = ["--seed", 2**64]
+        extra = ["--seed", 2**63]
     elif case == "other-seed":
         run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
         extra = ["--seed", 2]
@@ -422,9 +432,9 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         "not-a-checkpoint": "config.json is corrupt or not a PixelCNN checkpoint",
         "zero": "--num-samples must be >= 1", "fused-cpu": "--sampler fused runs on GPU actors",
         "label": "--label 10 is not a class", "label-probs": "--label-probs needs 10 finite non-negative numbers",
-        "unconditional": "unconditional", "other-seed": "seed 1",
+        "unconditional": "unconditional", "other-seed": "holds samples of another request (seed 1 -> 2)",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
-        "cpus": "64 CPUs needed for the sampler actors, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
+        "cpus": "64.5 CPUs needed for the sampler actors and their Parquet writes, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
         "gpus-nan": "--gpus-per-actor and --preview must be >= 0",
         "seed-range": "--seed must be between -2**63 and 2**63 - 1",
     }[case]

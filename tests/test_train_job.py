@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import signal
 import subprocess
 import time
 
@@ -118,6 +119,34 @@ def test_killed_driver_rerun_resumes(ray_cluster, s3):
     assert last_json_line(proc.stdout)["step"] == 24
 
 
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(local_ray_env, tmp_path):
+    """Ray Train's own Ctrl-C handler aborts the run and exits from inside fit(): the job still ends with
+    one error line and status 130, and the same command resumes from the last checkpoint."""
+    args = [
+        "--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 512, "--test-subset", 32, "--hidden", 32,
+        "--blocks", 4, "--batch-size", 64, "--epochs", 3, "--checkpoint-every", 4, "--grid-samples", 0,
+        "--storage", tmp_path, "--name", "ctrl-c",
+    ]
+    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=local_ray_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "ctrl-c" / "checkpoint_manager_snapshot.json").exists():
+            assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
+            time.sleep(0.2)
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+    proc = run_job("train.py", *args, env=local_ray_env)
+    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", proc.stdout)]
+    assert resumed and resumed[0] >= 4
+    assert last_json_line(proc.stdout)["step"] == 24
+
+
 def test_ray_job_submit(ray_cluster, s3):
     cmd = [
         f"{REPO}/.venv/bin/ray" if (REPO / ".venv/bin/ray").exists() else "ray", "job", "submit",
@@ -185,7 +214,9 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     ("--grad-clip", -1, "--grad-clip must be >= 0"),
     ("--batch-siz", 64, "unrecognized arguments: --batch-siz"),  # a prefix is not taken for --batch-size
     ("--name", "../elsewhere", "--name must be one folder name"),  # the run would land outside --storage
+    ("--name", "..", "--name must be one folder name"),
     ("--seed", 2**32, "--seed must be between"),  # derived seeds would overflow inside the workers
+    ("--seed", -2**32, "--seed must be between"),
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them, in one line (no usage dump)."""

@@ -228,3 +228,17 @@ def test_rerun_identity_check_fills_flags_a_stored_run_predates(tmp_path):
         check(TrainConfig(layers=6))
     with pytest.raises(JobError, match="--hidden 128 -> 64"):
         check(TrainConfig(hidden=64))
+
+
+@pytest.mark.parametrize("previous,asked,trained", [
+    ({"step": 8, "epoch": 1}, {"epochs": 1}, True),  # the same length again
+    ({"step": 16, "epoch": 2}, {"epochs": 1}, True),  # less than done
+    ({"step": 8, "epoch": 1}, {"epochs": 2}, False),  # more epochs: train on
+    ({"step": 6, "epoch": 0}, {"epochs": 1}, False),  # stopped mid-epoch (a crash, or --max-steps before)
+    ({"step": 2, "epoch": 0}, {"epochs": 3, "max_steps": 2}, True),
+    ({"step": 2, "epoch": 0}, {"epochs": 3, "max_steps": 3}, False),
+])
+def test_a_rerun_trains_only_if_it_asks_for_more(previous, asked, trained):
+    from jobs.train import already_trained
+
+    assert already_trained(previous, TrainConfig(**{**TINY, "subset": None, **asked})) == trained
