@@ -201,6 +201,25 @@ def local_ray_env(tmp_path_factory):
     return base_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="rl", dir="/tmp"))
 
 
+def interrupt_job(script: str, *args, env: dict, ready, waiting_for: str, timeout: float = 180) -> None:
+    """Start ``python jobs/<script>``, press Ctrl-C (SIGINT) once ``ready()``, and check how it stops: status
+    130 and, last on stderr, the one line that says to rerun."""
+    job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert time.time() < deadline and job.poll() is None, f"no {waiting_for} appeared"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+
+
 def one_error_line(proc) -> str:
     """A refused job: exit status 2 and, last on stderr, one line that starts with 'error:'."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,7 +1,6 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
 import json
-import signal
 import subprocess
 import time
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_error_line, PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
+from conftest import interrupt_job, one_error_line, PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
@@ -349,23 +348,11 @@ def test_ctrl_c_is_one_line_and_the_rerun_completes(checkpoints, local_ray_env, 
     """Ctrl-C mid-run: one error line and status 130; the part files written are whole, so the same
     command again fills in the rest, every id once."""
     out = tmp_path / "out"
-    args = [PYTHON, "jobs/generate.py", "--checkpoint", str(checkpoints["plain"]), "--num-samples", "3000",
-            "--rows-per-file", "50", "--output", str(out)]
-    job = subprocess.Popen(args, cwd=REPO, env=local_ray_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out.exists() and any(p.suffix == ".parquet" for p in out.iterdir())):
-            assert time.time() < deadline and job.poll() is None, "no part file appeared"
-            time.sleep(0.1)
-        job.send_signal(signal.SIGINT)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+    args = ["--checkpoint", checkpoints["plain"], "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
+    interrupt_job("generate.py", *args, env=local_ray_env, waiting_for="part file",
+                  ready=lambda: out.exists() and any(p.suffix == ".parquet" for p in out.iterdir()))
     assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 3000, "interrupted too late to test a resume"
-    run_job("generate.py", *args[2:], env=local_ray_env)
+    run_job("generate.py", *args, env=local_ray_env)
     assert sorted(pads.dataset(str(out), format="parquet").to_table().column("id").to_pylist()) == list(range(3000))
 
 

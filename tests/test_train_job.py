@@ -3,14 +3,13 @@
 import io
 import json
 import re
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from conftest import one_error_line, MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, process_titles, run_job, s3_keys
+from conftest import interrupt_job, one_error_line, MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, process_titles, run_job, s3_keys
 from pixelcnn import load_model
 
 pytestmark = pytest.mark.slow
@@ -127,20 +126,8 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(local_ray_env, tmp_path):
         "--blocks", 4, "--batch-size", 64, "--epochs", 3, "--checkpoint-every", 4, "--grid-samples", 0,
         "--storage", tmp_path, "--name", "ctrl-c",
     ]
-    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=local_ray_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while not (tmp_path / "ctrl-c" / "checkpoint_manager_snapshot.json").exists():
-            assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
-            time.sleep(0.2)
-        job.send_signal(signal.SIGINT)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+    interrupt_job("train.py", *args, env=local_ray_env, waiting_for="checkpoint",
+                  ready=(tmp_path / "ctrl-c" / "checkpoint_manager_snapshot.json").exists)
     proc = run_job("train.py", *args, env=local_ray_env)
     resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", proc.stdout)]
     assert resumed and resumed[0] >= 4
