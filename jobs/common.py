@@ -48,6 +48,11 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def one_line(error: BaseException) -> str:
+    """An I/O error's message on one line, cut to a length an error line can carry."""
+    return " ".join(str(error).split())[:300]
+
+
 def interrupted() -> None:
     """Ctrl-C: one line, and the shell's status for SIGINT. Every file a job writes is whole (checkpoints,
     part files), so the same command again resumes."""
@@ -98,9 +103,9 @@ class S3Settings:
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False  # it exists, or another request's create of it is under way
-            raise OSError(" ".join(str(error).split())[:300]) from None
+            raise OSError(one_line(error)) from None
         except BotoCoreError as error:  # no credentials, endpoint unreachable, ...
-            raise OSError(" ".join(str(error).split())[:300]) from None
+            raise OSError(one_line(error)) from None
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def check_bucket(storage: Storage) -> None:
     try:
         info = storage.fs.get_file_info(bucket)
     except OSError as error:
-        raise JobError(f"cannot reach {storage.uri}: {' '.join(str(error).split())[:300]}") from None
+        raise JobError(f"cannot reach {storage.uri}: {one_line(error)}") from None
     if info.type == pafs.FileType.NotFound:
         raise JobError(f"S3 bucket {bucket!r} does not exist (storage {storage.uri})")
 
@@ -203,8 +208,7 @@ def check_writable(storage: Storage) -> None:
         storage.write(probe, b"")
         storage.fs.delete_file(storage.file(probe))
     except OSError as error:
-        reason = " ".join(str(error).split())[:300]
-        raise JobError(f"cannot write to {storage.uri}: {reason}") from None
+        raise JobError(f"cannot write to {storage.uri}: {one_line(error)}") from None
 
 
 def init_ray(address: str | None) -> None:

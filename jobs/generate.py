@@ -40,7 +40,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, interrupted, open_storage, root_cause, shutdown_ray  # noqa: E402
+from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, interrupted, one_line, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
@@ -130,7 +130,7 @@ def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
             if data is not None:
                 return f"{folder.uri}/{name}", data
     except OSError as error:
-        raise JobError(f"cannot read checkpoint {storage.uri}: {' '.join(str(error).split())[:300]}") from None
+        raise JobError(f"cannot read checkpoint {storage.uri}: {one_line(error)}") from None
     raise JobError(f"checkpoint not found: {storage.uri} (neither a checkpoint file nor a folder holding {MODEL_FILE})")
 
 
@@ -220,7 +220,7 @@ def claim_output(output: Storage, manifest: dict) -> None:
     try:
         output.create(MANIFEST, json.dumps(manifest, indent=1).encode())
     except OSError as error:  # on S3 a conditional PUT through boto3, which finds credentials its own way
-        raise JobError(f"cannot write to {output.uri}: {' '.join(str(error).split())[:300]}") from None
+        raise JobError(f"cannot write to {output.uri}: {one_line(error)}") from None
     check_manifest(output, manifest)
 
 

@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from .data import ImageData, levels_to_input
 
 
+def config_of(model):
+    """The config of a model, or of the one a DDP wrapper holds."""
+    return model.config if hasattr(model, "config") else model.module.config
+
+
 def model_logits(model, levels: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, L, C, H, W]`` for integer images; labels are passed only to conditional models."""
-    cfg = model.config if hasattr(model, "config") else model.module.config
+    cfg = config_of(model)
     x = levels_to_input(levels, cfg.levels, next(model.parameters()).dtype)
     return model(x, labels if cfg.num_classes else None)
 
@@ -43,9 +48,10 @@ def evaluate(model, data: ImageData, *, batch_size: int = 256, device: str | tor
     """Exact NLL of ``data`` under ``model``: ``{'bits_per_dim', 'nll_nats_per_image', 'images'}``.
 
     ``data`` holds the model's levels: uint8 pixels for 256 levels, ``data.quantize``'s output for fewer."""
-    levels = (model.config if hasattr(model, "config") else model.module.config).levels
-    if len(data) and int(data.images.max()) >= levels:
-        raise ValueError(f"the data holds level {int(data.images.max())}, but the model has {levels} levels: "
+    levels = config_of(model).levels
+    top = int(data.images.max()) if len(data) else 0
+    if top >= levels:
+        raise ValueError(f"the data holds level {top}, but the model has {levels} levels: "
                          f"quantize it first (pixelcnn.data.quantize(images, {levels}))")
     was_training = model.training
     model.eval()
