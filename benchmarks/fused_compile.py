@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/fused_compile.py --tiles 32x64x4,64x128x4x2 --arch 90
 
 For the reference model (hidden 128, 15 blocks, MNIST-sized) in float32 (without and with TF32),
-bfloat16 and float64, it compiles ``pixelcnn.fused._pixel_step`` for each target GPU with Triton's own
+bfloat16 and float64, it compiles ``pixelcnn.sampling.fused.pixel_step`` for each target GPU with Triton's own
 LLVM and ptxas, its arguments specialized as a launch specializes them (16-byte aligned pointers,
 multiples of 16, ints equal to 1), and prints for each kernel: shared memory per program, registers per
 thread and spilled bytes (ptxas -v), whether its products run on tensor cores (``mma``), and the
@@ -32,9 +32,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, compile  # noqa: E402
 
-import pixelcnn.fused  # noqa: E402
+import pixelcnn.sampling.fused  # noqa: E402
 from pixelcnn import PixelCNN  # noqa: E402
-from pixelcnn.sampling import _stepper  # noqa: E402
+from pixelcnn.sampling import make_stepper  # noqa: E402
 from sampling import TILE_KNOBS, parse_tiles  # noqa: E402  (benchmarks/sampling.py)
 
 ARCHS = {90: "H100", 86: "A10G"}  # cluster.yaml's GPU nodes are A10Gs
@@ -44,13 +44,13 @@ KERNELS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "i
 def compile_kernel(dtype: torch.dtype, precision: str, arch: int) -> dict:
     """Compile the reference model's pixel step for ``arch`` with the module's current tiles."""
     model = PixelCNN(hidden=128, blocks=15).to(dtype).eval()
-    stepper = _stepper(model, 256, dtype, torch.device("cpu"), "fused")
+    stepper = make_stepper(model, 256, dtype, torch.device("cpu"), "fused")
     stepper.temperature, stepper.meta["PRECISION"] = torch.ones((), dtype=torch.float64), precision
     levels, u = torch.zeros(256, 1, 28, 28, dtype=torch.long), torch.rand(256, 28, 28, 1, dtype=torch.float64)
     args = stepper.kernel_args(3, 5, 0, u, levels, torch.zeros(256, dtype=torch.float64), torch.zeros(256, dtype=dtype))
     meta = dict(stepper.meta)
     options = {name: meta.pop(name) for name in ("num_warps", "num_stages", "enable_fp_fusion")}
-    kernel = pixelcnn.fused._pixel_step
+    kernel = pixelcnn.sampling.fused.pixel_step
     signature, attrs = {}, {}
     for index, (param, arg) in enumerate(zip(kernel.params, args)):
         kind, key = native_specialize_impl(CUDABackend, arg, False, not param.do_not_specialize,
@@ -90,14 +90,14 @@ def main() -> None:
         choices = [(t, parse_tiles(t)) for t in args.tiles.split(",") if t] or [(None, None)]
     except ValueError as e:
         p.error(str(e))
-    defaults = {knob: getattr(pixelcnn.fused, knob) for knob in TILE_KNOBS}
+    defaults = {knob: getattr(pixelcnn.sampling.fused, knob) for knob in TILE_KNOBS}
     report = []
     for tiles, values in choices:
         for knob, value in {**defaults, **dict(zip(TILE_KNOBS, values or ()))}.items():
-            setattr(pixelcnn.fused, knob, value)
+            setattr(pixelcnn.sampling.fused, knob, value)
         for arch in map(int, args.arch.split(",")):
             for dtype, precision in KERNELS:
-                row = {"tiles": "x".join(str(getattr(pixelcnn.fused, knob)) for knob in TILE_KNOBS),
+                row = {"tiles": "x".join(str(getattr(pixelcnn.sampling.fused, knob)) for knob in TILE_KNOBS),
                        "arch": arch, "gpu": ARCHS.get(arch, "?"), "dtype": str(dtype).removeprefix("torch."),
                        "precision": precision}
                 try:

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from pixelcnn import PixelCNN, load_model, sample  # noqa: E402
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint  # noqa: E402
-from pixelcnn.sampling import METHODS  # noqa: E402
+from pixelcnn.sampling import SAMPLERS  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--rows-per-file", type=int, default=1024)
     p.add_argument("--num-actors", type=int, default=2)
     p.add_argument("--gpus-per-actor", type=float, default=0)
-    p.add_argument("--sampler", choices=METHODS, default="cached", help="as generate.py's (fused: GPU only)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="cached", help="as generate.py's (fused: GPU only)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as generate.py's")
     args = p.parse_args()
     device = "cuda" if args.gpus_per_actor else "cpu"
@@ -53,7 +53,7 @@ def main() -> None:
         model = load_model(checkpoint, device=device).to(getattr(torch, args.dtype))
 
         # The bare loop: the same samples (ids 0..N-1, same batch size) in this process.
-        opts = dict(batch_size=args.batch_size, method=args.sampler)
+        opts = dict(batch_size=args.batch_size, sampler=args.sampler)
         sample(model, min(args.batch_size, 8), **opts)  # warm-up
         start = time.perf_counter()
         sample(model, args.num_samples, **opts)

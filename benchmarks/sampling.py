@@ -4,12 +4,12 @@
     python3 benchmarks/sampling.py --device cuda            # on a GPU: reference model, + CUDA graphs, bf16,
                                                             # and the fused kernel
 
-Cached: full images through ``pixelcnn.sample(method="cached")``, timed end to end. On a GPU,
+Cached: full images through ``pixelcnn.sample(sampler="cached")``, timed end to end. On a GPU,
 "cached" replays the sampling loop as one CUDA graph (two untimed calls first: the first runs eagerly,
 the second captures), "eager" is the same sampler with ``cuda_graph=False``, and "bf16" is the graphed
 sampler with the model cast to bfloat16 (its images differ from float32's once a draw lands on the other
 side of a CDF boundary, so the script also reports how far the bf16 sampler's log-probs are from the
-float32 model's, in bits/dim). "fused" and "fused-bf16" are the same with ``method="fused"`` (one
+float32 model's, in bits/dim). "fused" and "fused-bf16" are the same with ``sampler="fused"`` (one
 Triton kernel per pixel step), with the kernel's default tiles and with each ``--fused-tiles`` choice.
 Naive: one full forward pass per pixel, so its time per image is (time of one forward pass at the
 batch size) x H x W x C; that per-step time is measured on the spot (mean of a few passes; the
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = {"mid": dict(hidden=64, blocks=7), "reference": dict(hidden=128, blocks=15)}
 FAST_METHODS = ("cached", "eager", "bf16")  # the cached sampler: graphed, eager, graphed on a bf16 copy
-FUSED_METHODS = ("fused", "fused-bf16")  # method="fused", graphed: float32, bf16 copy (GPU only)
+FUSED_METHODS = ("fused", "fused-bf16")  # sampler="fused", graphed: float32, bf16 copy (GPU only)
 TILE_KNOBS = ("BLOCK_K", "BLOCK_N", "NUM_WARPS", "NUM_STAGES")  # pixelcnn/fused.py's, as --fused-tiles KxNxW[xS]
 
 
@@ -70,15 +70,15 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
         torch.cuda.reset_peak_memory_stats()
     extra = {}
     if tiles:  # the fused kernel's BLOCK_K, BLOCK_N, NUM_WARPS[, NUM_STAGES] for this configuration
-        import pixelcnn.fused
+        import pixelcnn.sampling.fused
 
         for knob, value in zip(TILE_KNOBS, parse_tiles(tiles)):
-            setattr(pixelcnn.fused, knob, value)
+            setattr(pixelcnn.sampling.fused, knob, value)
         extra["tiles"] = tiles
     if method in FAST_METHODS + FUSED_METHODS:
         fast = copy.deepcopy(model).to(torch.bfloat16) if method.endswith("bf16") else model
         opts = dict(batch_size=batch, cuda_graph=method != "eager",
-                    method="fused" if method in FUSED_METHODS else "cached")
+                    sampler="fused" if method in FUSED_METHODS else "cached")
         for seed in range(2 if gpu else 1):  # warm-up; on a GPU the second call captures the graph
             sample(fast, batch, seed=100 + seed, **opts)
         sync()
@@ -95,7 +95,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             extra["bf16_log_prob_error_bits_per_dim"] = float((out.log_prob - exact).abs().mean() / (c * h * w) / math.log(2))
     elif full_naive:
         start = time.perf_counter()
-        sample(model, batch, batch_size=batch, seed=1, method="naive")
+        sample(model, batch, batch_size=batch, seed=1, sampler="naive")
         sync()
         seconds = time.perf_counter() - start
         how = "full run"
@@ -117,7 +117,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             "how": how, **extra}
 
 
-def ops_per_pixel_step(kind: str) -> float:
+def ops_perpixel_step(kind: str) -> float:
     """The cached sampler's PyTorch ops per pixel step, views excluded (batch 1, on the CPU)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -235,8 +235,8 @@ def main() -> None:
     fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS if m in methods]
     rows = []
     for kind in models:
-        ops = in_child(ops_per_pixel_step, kind)
-        rows.append({"model": kind, "ops_per_pixel_step": ops})
+        ops = in_child(ops_perpixel_step, kind)
+        rows.append({"model": kind, "ops_perpixel_step": ops})
         print(f"{kind:9s} cached sampler: {ops:.0f} PyTorch ops per pixel step (views excluded)", flush=True)
         for batch in batches:
             fast = [run_tiles(kind, m, batch, args.device, args.naive_steps, t) for m, t in fast_methods]

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from jobs.common import ArgumentParser, JobError, Storage, check_bucket, check_writable, fail, init_ray, interrupted, one_line, open_storage, root_cause, shutdown_ray  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
-from pixelcnn.sampling import METHODS, labels_for_ids, sample  # noqa: E402
+from pixelcnn.sampling import SAMPLERS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, grid_png, sample_table  # noqa: E402
 
 MANIFEST = "_manifest.json"
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix for the Parquet files")
     p.add_argument("--seed", type=int, default=0, help="image k depends only on (checkpoint, seed, k, temperature, label, dtype, sampler)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (< 1: sharper, > 1: more diverse)")
-    p.add_argument("--sampler", choices=METHODS, default="cached",
+    p.add_argument("--sampler", choices=SAMPLERS, default="cached",
                    help="cached (fast), naive, or fused (PixelCNN on GPU actors: one Triton kernel per pixel step); "
                         "all draw the same images, up to float rounding at CDF boundaries")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -245,7 +245,7 @@ class SampleShards:
             ids = np.arange(start, end, dtype=np.int64)
             labels = None if s["label_probs"] is None else labels_for_ids(s["seed"], ids, s["label_probs"])
             out = sample(
-                self.model, ids=ids, seed=s["seed"], temperature=s["temperature"], method=s["sampler"],
+                self.model, ids=ids, seed=s["seed"], temperature=s["temperature"], sampler=s["sampler"],
                 batch_size=s["batch_size"], labels=labels,
             )
             tables.append(sample_table(

@@ -1,4 +1,4 @@
-"""The fused pixel step (``method="fused"``, one Triton kernel per step) draws the naive sampler's images.
+"""The fused pixel step (``sampler="fused"``, one Triton kernel per step) draws the naive sampler's images.
 
 In the test process the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``, set by
 conftest.py before Triton is imported): the same kernel source, each program run on the CPU in turn.
@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO
 from pixelcnn import GatedPixelCNN, sample
-from pixelcnn.sampling import _stepper, sample_uniforms
+from pixelcnn.sampling import make_stepper, sample_uniforms
 from test_sampling import explained_by_float_tie, teacher_forced_log_prob, tiny
 
 
@@ -25,9 +25,9 @@ def test_the_kernel_runs_in_the_interpreter_here():
     """conftest.py sets TRITON_INTERPRET=1 before Triton is imported; every test below relies on it."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    import pixelcnn.fused
+    import pixelcnn.sampling.fused
 
-    assert isinstance(pixelcnn.fused._pixel_step, InterpretedFunction)
+    assert isinstance(pixelcnn.sampling.fused.pixel_step, InterpretedFunction)
 
 
 CASES = [  # channels, image size, seed, temperature, batch, extra model config
@@ -53,12 +53,12 @@ def case_model(channels, size, seed, extra, dtype=torch.float64):
 @pytest.mark.parametrize("channels,size,seed,temperature,batch,extra", CASES)
 def test_fused_equals_naive_float64(channels, size, seed, temperature, batch, extra, monkeypatch):
     if extra.get("hidden"):
-        monkeypatch.setattr("pixelcnn.fused.BLOCK_K", 16)
-        monkeypatch.setattr("pixelcnn.fused.BLOCK_N", 16)
+        monkeypatch.setattr("pixelcnn.sampling.fused.BLOCK_K", 16)
+        monkeypatch.setattr("pixelcnn.sampling.fused.BLOCK_N", 16)
     model = case_model(channels, size, seed, extra)
     labels = torch.arange(batch) % 3 if extra.get("num_classes") else None
-    naive = sample(model, batch, seed=seed, temperature=temperature, labels=labels, method="naive", batch_size=batch)
-    fused = sample(model, batch, seed=seed, temperature=temperature, labels=labels, method="fused", batch_size=batch)
+    naive = sample(model, batch, seed=seed, temperature=temperature, labels=labels, sampler="naive", batch_size=batch)
+    fused = sample(model, batch, seed=seed, temperature=temperature, labels=labels, sampler="fused", batch_size=batch)
     assert naive.images.float().std() > 10 or size == (1, 1), "random weights should give varied images"
     assert torch.equal(naive.images, fused.images)
     assert torch.allclose(naive.log_prob, fused.log_prob, atol=1e-9, rtol=0)
@@ -67,8 +67,8 @@ def test_fused_equals_naive_float64(channels, size, seed, temperature, batch, ex
 
 def test_fused_equals_naive_float32():
     model = tiny(3, (4, 5), dtype=torch.float32, seed=5)
-    naive = sample(model, 12, seed=9, method="naive", batch_size=12)
-    fused = sample(model, 12, seed=9, method="fused", batch_size=12)
+    naive = sample(model, 12, seed=9, sampler="naive", batch_size=12)
+    fused = sample(model, 12, seed=9, sampler="fused", batch_size=12)
     same = [k for k in range(12) if torch.equal(naive.images[k], fused.images[k])]
     for k in set(range(12)) - set(same):
         assert explained_by_float_tie(model, naive.images[k], fused.images[k], 9, k)
@@ -79,12 +79,12 @@ def test_fused_equals_naive_float32():
 def test_a_fused_stepper_reused_for_later_batches_starts_clean():
     """What CUDA graph replay relies on: one stepper runs batch after batch, each as if it were fresh."""
     model = case_model(3, (3, 4), 6, dict(num_classes=2))
-    stepper = _stepper(model, 4, torch.float64, torch.device("cpu"), "fused")
+    stepper = make_stepper(model, 4, torch.float64, torch.device("cpu"), "fused")
     for ids in ([0, 1, 2, 3], [4, 5, 6, 7]):
         labels = torch.tensor(ids) % 2
         u = sample_uniforms(6, ids, 3 * 3 * 4).view(4, 3, 4, 3)
         levels, log_prob = stepper.run(u, labels, 0.9)
-        fresh = sample(model, ids=ids, seed=6, temperature=0.9, labels=labels, method="naive")
+        fresh = sample(model, ids=ids, seed=6, temperature=0.9, labels=labels, sampler="naive")
         assert torch.equal(levels.to(torch.uint8), fresh.images)
         assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
 
@@ -93,27 +93,27 @@ def test_float32_products_use_tf32_only_where_torch_does():
     model, cpu = tiny(dtype=torch.float32), torch.device("cpu")
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
-    assert _stepper(model, 2, torch.float32, cpu, "fused").meta["PRECISION"] == "ieee"
+    assert make_stepper(model, 2, torch.float32, cpu, "fused").meta["PRECISION"] == "ieee"
     try:
         matmul.fp32_precision = "tf32"  # torch's new setting: reading the legacy allow_tf32 now raises
-        assert _stepper(model, 2, torch.float32, cpu, "fused").meta["PRECISION"] == "tf32"
-        assert _stepper(model.double(), 2, torch.float64, cpu, "fused").meta["PRECISION"] == "ieee"
+        assert make_stepper(model, 2, torch.float32, cpu, "fused").meta["PRECISION"] == "tf32"
+        assert make_stepper(model.double(), 2, torch.float64, cpu, "fused").meta["PRECISION"] == "ieee"
     finally:
         matmul.fp32_precision = before
 
 
 def test_fused_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="PixelCNN only, not GatedPixelCNN"):
-        sample(GatedPixelCNN(image_size=(3, 3), hidden=8, layers=1).double(), 1, method="fused")
+        sample(GatedPixelCNN(image_size=(3, 3), hidden=8, layers=1).double(), 1, sampler="fused")
     with pytest.raises(ValueError, match="at least one residual block"):
-        sample(tiny(blocks=0), 1, method="fused")
+        sample(tiny(blocks=0), 1, sampler="fused")
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="runs on a CUDA device, not cpu"):
-        sample(tiny(), 1, method="fused")
+        sample(tiny(), 1, sampler="fused")
 
 
 def compiled_run(script: str) -> subprocess.CompletedProcess:
-    """``script`` in a child process whose ``pixelcnn.fused`` compiles its kernel (no interpreter)."""
+    """``script`` in a child process whose ``pixelcnn.sampling.fused`` compiles its kernel (no interpreter)."""
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # conftest.py, imported there too, keeps it
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(tests), tests, env.get("PYTHONPATH", "")])
@@ -121,7 +121,7 @@ def compiled_run(script: str) -> subprocess.CompletedProcess:
 
 
 SHARED_PER_BLOCK = {90: 227 * 1024, 86: 99 * 1024}  # H100; A10G (cluster.yaml's g5 nodes)
-LAYER_LOOPS = 7  # _layer calls in _pixel_step: input conv; reduce, 3x3 conv, expand (in the block loop); 2 head; output
+LAYER_LOOPS = 7  # _layer calls in pixel_step: input conv; reduce, 3x3 conv, expand (in the block loop); 2 head; output
 
 
 def test_kernel_compiles_for_an_h100_and_an_a10g():
@@ -149,9 +149,9 @@ def test_kernel_compiles_for_an_h100_and_an_a10g():
 
 CUDA_CHECK = """
 import copy, torch
-import pixelcnn.fused
+import pixelcnn.sampling.fused
 from pixelcnn import PixelCNN, sample
-from pixelcnn.sampling import _GRAPHS, _GraphedRun
+from pixelcnn.sampling.graphs import GRAPHS, GraphedRun
 from conftest import randomize
 from test_sampling import explained_by_float_tie
 torch.manual_seed(0)
@@ -162,16 +162,16 @@ for channels, size, extra in [(1, (7, 5), dict(hidden=40)), (3, (4, 3), dict(num
     reference = sample(cpu, 20, seed=1, labels=labels, batch_size=20)  # the CPU cached sampler, float32
     model = copy.deepcopy(cpu).cuda()
     for graph in (False, True, True, True):  # eager; then with graphs: run, capture, replay
-        fused = sample(model, 20, seed=1, labels=labels, batch_size=20, method="fused", cuda_graph=graph)
+        fused = sample(model, 20, seed=1, labels=labels, batch_size=20, sampler="fused", cuda_graph=graph)
         same = [k for k in range(20) if torch.equal(fused.images[k], reference.images[k])]
         for k in set(range(20)) - set(same):
             label = None if labels is None else labels[k]
             assert explained_by_float_tie(cpu, reference.images[k], fused.images[k], 1, k, label), k
         assert len(same) >= 18 and torch.allclose(fused.log_prob[same], reference.log_prob[same], atol=1e-4)
-    assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
-    bf16 = sample(copy.deepcopy(model).bfloat16(), 20, seed=1, labels=labels, batch_size=20, method="fused")
+    assert any(isinstance(run, GraphedRun) for run in GRAPHS[model].runs.values())
+    bf16 = sample(copy.deepcopy(model).bfloat16(), 20, seed=1, labels=labels, batch_size=20, sampler="fused")
     assert bf16.images.float().std() > 10 and torch.isfinite(bf16.log_prob).all()
-assert type(pixelcnn.fused._pixel_step).__name__ == "JITFunction", "interpreted, not compiled"
+assert type(pixelcnn.sampling.fused.pixel_step).__name__ == "JITFunction", "interpreted, not compiled"
 print("ok")
 """
 

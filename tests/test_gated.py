@@ -11,9 +11,8 @@ from pixelcnn import GatedPixelCNN, PixelCNN, load_checkpoint, load_dataset, loa
 from pixelcnn.checkpoint import checkpoint_dict
 from pixelcnn.data import levels_to_input
 from pixelcnn.likelihood import loss_per_dim, nll_per_image
-from pixelcnn.sampling import (
-    _GRAPHS, _GraphCache, _GraphedRun, _precision_settings, _sample_cached_graphed, _stepper, sample_uniforms,
-)
+from pixelcnn.sampling import make_stepper, sample_uniforms
+from pixelcnn.sampling.graphs import GRAPHS, GraphCache, GraphedRun, precision_settings, run_graphed
 from test_causality import input_jacobian_support, raster_order
 
 
@@ -144,8 +143,8 @@ def test_cached_equals_naive_float64(kind, channels, size, extra, seed, temperat
     model = sampler_model(kind, channels, size, extra, seed)
     classes = extra.get("num_classes", 0)
     labels = torch.arange(8) % classes if classes else None
-    naive = sample(model, 8, seed=seed, temperature=temperature, method="naive", batch_size=batches[0], labels=labels)
-    cached = sample(model, 8, seed=seed, temperature=temperature, method="cached", batch_size=batches[1], labels=labels)
+    naive = sample(model, 8, seed=seed, temperature=temperature, sampler="naive", batch_size=batches[0], labels=labels)
+    cached = sample(model, 8, seed=seed, temperature=temperature, sampler="cached", batch_size=batches[1], labels=labels)
     assert torch.equal(naive.images, cached.images)
     assert torch.allclose(naive.log_prob, cached.log_prob, atol=1e-9, rtol=0)
     assert naive.images.float().std() > 10, "random weights should give varied images"
@@ -217,12 +216,12 @@ def test_a_stepper_reused_for_later_batches_starts_clean(case):
     kind, channels, size, extra, seed, temperature, _ = case
     model = sampler_model(kind, channels, size, extra, seed).eval()
     classes = extra.get("num_classes", 0)
-    stepper = _stepper(model, 4, torch.float64, torch.device("cpu"))
+    stepper = make_stepper(model, 4, torch.float64, torch.device("cpu"))
     for ids in ([0, 1, 2, 3], [4, 5, 6, 7]):
         labels = torch.tensor(ids) % classes if classes else None
         u = sample_uniforms(seed, ids, channels * size[0] * size[1]).view(4, *size, channels)
         levels, log_prob = stepper.run(u, labels, temperature)
-        fresh = sample(model, ids=ids, seed=seed, temperature=temperature, labels=labels, method="naive")
+        fresh = sample(model, ids=ids, seed=seed, temperature=temperature, labels=labels, sampler="naive")
         assert torch.equal(levels.to(torch.uint8), fresh.images)
         assert torch.allclose(log_prob, fresh.log_prob, atol=1e-9, rtol=0)
 
@@ -233,7 +232,7 @@ def test_graph_cache_is_dropped_when_any_weight_changes():
     must invalidate them; nothing else may."""
     model = sampler_model("gated", 1, (5, 4), {"num_classes": 2}, 0)
     weights = lambda: [t.detach() for t in (*model.parameters(), *model.buffers())]  # noqa: E731
-    cache = _GraphCache(weights())
+    cache = GraphCache(weights())
     assert cache.valid_for(weights())
     sample(model, 2, labels=1)  # sampling itself changes nothing
     assert cache.valid_for(weights())
@@ -241,11 +240,11 @@ def test_graph_cache_is_dropped_when_any_weight_changes():
     version = param._version
     param.data.mul_(1.5)
     assert param._version == version and not cache.valid_for(weights())
-    cache = _GraphCache(weights())
+    cache = GraphCache(weights())
     with torch.no_grad():
         model.layers[0].label_bias.weight[1, 0] += 1
     assert not cache.valid_for(weights())
-    cache = _GraphCache(weights())
+    cache = GraphCache(weights())
     model.float()
     assert not cache.valid_for(weights())
 
@@ -257,17 +256,17 @@ def test_graphs_are_keyed_on_precision_settings():
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     model = sampler_model("pixelcnn", 1, (3, 2), {}, 0)
     u = sample_uniforms(0, torch.arange(2), 6).view(2, 3, 2, 1)
-    before = _precision_settings()
+    before = precision_settings()
     matmul_before, conv_before = matmul.fp32_precision, conv.fp32_precision
     try:
-        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
+        run_graphed(model, u, None, 1.0, "cached", lambda: make_stepper(model, 2, torch.float64, u.device))
         matmul.fp32_precision = "tf32"
-        with_tf32_matmuls = _precision_settings()
-        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
+        with_tf32_matmuls = precision_settings()
+        run_graphed(model, u, None, 1.0, "cached", lambda: make_stepper(model, 2, torch.float64, u.device))
         conv.fp32_precision = "ieee"
-        assert len({before, with_tf32_matmuls, _precision_settings()}) == 3
-        _sample_cached_graphed(model, u, None, 1.0, torch.float64, "cached")
-        assert [key[-1] for key in _GRAPHS[model].runs] == [before, with_tf32_matmuls, _precision_settings()]
+        assert len({before, with_tf32_matmuls, precision_settings()}) == 3
+        run_graphed(model, u, None, 1.0, "cached", lambda: make_stepper(model, 2, torch.float64, u.device))
+        assert [key[-1] for key in GRAPHS[model].runs] == [before, with_tf32_matmuls, precision_settings()]
     finally:
         matmul.fp32_precision, conv.fp32_precision = matmul_before, conv_before
 
@@ -289,7 +288,7 @@ def test_cuda_graph_replays_draw_the_cpu_images(case):
             next(cpu_model.parameters()).data.mul_(1.5)
         cpu = sample(cpu_model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
         gpu = sample(model, 14, seed=seed, temperature=temperature, labels=labels, batch_size=4)
-        assert any(isinstance(run, _GraphedRun) for run in _GRAPHS[model].runs.values())
+        assert any(isinstance(run, GraphedRun) for run in GRAPHS[model].runs.values())
         assert torch.equal(gpu.images, cpu.images)
         assert torch.allclose(gpu.log_prob, cpu.log_prob, atol=1e-9, rtol=0)
     model32 = copy.deepcopy(cpu_model).float().cuda()

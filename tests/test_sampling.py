@@ -62,21 +62,21 @@ def test_sampling_leaves_the_model_in_its_mode():
     """sample() evaluates in eval mode and puts the model back: a training loop that draws a sample grid
     goes on training in train mode (dropout on, BatchNorm updating)."""
     model = tiny(norm="batch")
-    for method in ("naive", "cached"):
+    for sampler in ("naive", "cached"):
         for training in (True, False):
             model.train(training)
-            sample(model, 2, method=method)
+            sample(model, 2, sampler=sampler)
             assert model.training == training and all(m.training == training for m in model.modules())
 
 
-@pytest.mark.parametrize("method", ["naive", "cached"])
-def test_seeds_and_batch_sizes(method):
+@pytest.mark.parametrize("sampler", ["naive", "cached"])
+def test_seeds_and_batch_sizes(sampler):
     model = tiny()
-    a = sample(model, 6, seed=1, method=method, batch_size=6)
-    b = sample(model, 6, seed=1, method=method, batch_size=6)
-    c = sample(model, 6, seed=2, method=method, batch_size=6)
-    d = sample(model, 6, seed=1, method=method, batch_size=4)
-    e = sample(model, ids=[4, 5], seed=1, method=method)
+    a = sample(model, 6, seed=1, sampler=sampler, batch_size=6)
+    b = sample(model, 6, seed=1, sampler=sampler, batch_size=6)
+    c = sample(model, 6, seed=2, sampler=sampler, batch_size=6)
+    d = sample(model, 6, seed=1, sampler=sampler, batch_size=4)
+    e = sample(model, ids=[4, 5], seed=1, sampler=sampler)
     assert a.images.dtype == torch.uint8 and a.images.shape == (6, 1, 5, 4)
     assert torch.equal(a.images, b.images) and torch.equal(a.log_prob, b.log_prob)
     assert not torch.equal(a.images, c.images)
@@ -85,11 +85,11 @@ def test_seeds_and_batch_sizes(method):
     assert a.images.float().std() > 10, "random weights should give varied images"
 
 
-@pytest.mark.parametrize("method", ["naive", "cached"])
+@pytest.mark.parametrize("sampler", ["naive", "cached"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_log_prob_equals_teacher_forced_forward(method, channels):
+def test_log_prob_equals_teacher_forced_forward(sampler, channels):
     model = tiny(channels)
-    s = sample(model, 5, seed=3, method=method, temperature=0.8)
+    s = sample(model, 5, seed=3, sampler=sampler, temperature=0.8)
     assert torch.allclose(s.log_prob, teacher_forced_log_prob(model, s.images), atol=1e-9, rtol=0)
 
 
@@ -109,8 +109,8 @@ def test_cached_equals_naive_float64(channels, size, seed, temperature, batches)
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
-    naive = sample(model, 8, seed=seed, temperature=temperature, method="naive", batch_size=batches[0])
-    cached = sample(model, 8, seed=seed, temperature=temperature, method="cached", batch_size=batches[1])
+    naive = sample(model, 8, seed=seed, temperature=temperature, sampler="naive", batch_size=batches[0])
+    cached = sample(model, 8, seed=seed, temperature=temperature, sampler="cached", batch_size=batches[1])
     assert torch.equal(naive.images, cached.images)
     assert torch.allclose(naive.log_prob, cached.log_prob, atol=1e-9, rtol=0)
 
@@ -132,8 +132,8 @@ def explained_by_float_tie(model, a, b, u_seed, sample_id, label=None, atol=1e-4
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cached_equals_naive_float32(channels):
     model = tiny(channels, (6, 5), dtype=torch.float32, seed=4)
-    naive = sample(model, 16, seed=9, method="naive", batch_size=16)
-    cached = sample(model, 16, seed=9, method="cached", batch_size=5)
+    naive = sample(model, 16, seed=9, sampler="naive", batch_size=16)
+    cached = sample(model, 16, seed=9, sampler="cached", batch_size=5)
     for k in range(16):
         if not torch.equal(naive.images[k], cached.images[k]):
             assert explained_by_float_tie(model, naive.images[k], cached.images[k], 9, k)
@@ -156,8 +156,8 @@ def test_cached_equals_naive_after_training(mnist_root):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    naive = sample(model, 3, seed=5, method="naive", batch_size=3)
-    cached = sample(model, 3, seed=5, method="cached", batch_size=2)
+    naive = sample(model, 3, seed=5, sampler="naive", batch_size=3)
+    cached = sample(model, 3, seed=5, sampler="cached", batch_size=2)
     assert torch.equal(naive.images, cached.images)
     assert torch.allclose(naive.log_prob, cached.log_prob, atol=1e-9, rtol=0)
     assert torch.allclose(cached.log_prob, teacher_forced_log_prob(model, cached.images), atol=1e-9, rtol=0)
@@ -180,8 +180,8 @@ def test_bad_arguments():
     model = tiny()
     with pytest.raises(ValueError, match="temperature"):
         sample(model, 2, temperature=0)
-    with pytest.raises(ValueError, match="method"):
-        sample(model, 2, method="fast")
+    with pytest.raises(ValueError, match="sampler"):
+        sample(model, 2, sampler="fast")
     with pytest.raises(ValueError, match="exactly one"):
         sample(model)
     with pytest.raises(ValueError, match="unconditional"):

@@ -1,6 +1,6 @@
-"""PixelCNN's cached pixel step fused into one Triton kernel: ``sample(..., method="fused")``.
+"""PixelCNN's cached pixel step fused into one Triton kernel: ``sample(..., sampler="fused")``.
 
-Why. The cached sampler (``sampling.py``) computes one column of the network per pixel step, about
+Why. The cached sampler (``steppers.py``) computes one column of the network per pixel step, about
 6 MFLOP per image for the reference model, in over a hundred small library ops. On a GPU each op is at
 least one kernel, and even replayed from a CUDA graph a step then costs over a hundred kernel latencies,
 while the arithmetic would take a few microseconds. This module runs the whole step (input conv, every
@@ -13,11 +13,11 @@ share those rows, so every layer ends with a barrier (``tl.debug_barrier``) befo
 Weights are read by every program each step: that read, not the arithmetic, bounds a step, and it is the
 same whatever the batch, so the rate grows with the batch until the GPU's SMs are all busy.
 
-What it shares with the cached sampler. The input conv's cache is a ``_CachedConv``; the blocks' 3x3
-conv caches are laid out as ``_CachedConv``'s, stacked into one tensor so the kernel finds block l at a
+What it shares with the cached sampler. The input conv's cache is a ``CachedConv``; the blocks' 3x3
+conv caches are laid out as ``CachedConv``'s, stacked into one tensor so the kernel finds block l at a
 fixed stride. Rows start as there: the part of every 3x3 conv that reads the rows above is one batched
 matrix product per row, outside the kernel.
-The kernel computes what ``_PixelCNNStepper.logits_at`` computes, in the same order, then draws as
+The kernel computes what ``PixelCNNStepper.logits_at`` computes, in the same order, then draws as
 ``draw`` does (in float64, the same uniforms): under Triton's interpreter it draws the naive sampler's
 images in float64 (``tests/test_fused.py``). Compiled, its sums run in another order (tiled products,
 fused multiply-adds, tree reductions), so a draw within rounding of a CDF boundary may differ, as
@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .models import PixelCNN
-from .sampling import _CachedConv, _Pointwise, _Stepper
+from ..models import PixelCNN
+from .cache import CachedConv, Pointwise
+from .steppers import Stepper
 
 # Tiles (GPU tuning knobs; any values give the same results). A program streams every weight once per
 # step, from L2, so a step's time is L2 latency unless enough bytes are in flight: BLOCK_K x BLOCK_N
@@ -97,7 +98,7 @@ def _layer(a_ptr, a_stride, K, w_ptr, N, out_ptr, out_stride, rows, bias_ptr, bi
 # One compiled kernel for every pixel: Triton would otherwise compile variants for special values of
 # the position and for the alignment of the per-pixel views u[:, i, j, c] and levels[:, c, i, j].
 @triton.jit(do_not_specialize=["j", "c"], do_not_specialize_on_alignment=["u_ptr", "level_ptr"])
-def _pixel_step(
+def pixel_step(
     j, c, batch,
     # the input conv: its current row's buffer [B, cols, C] (taps in place), row term [B, W, 2h], weight, norm
     in_row_ptr, in_row_stride, in_term_ptr, in_term_stride, in_w_ptr, in_scale_ptr, in_shift_ptr,
@@ -166,7 +167,7 @@ def _pixel_step(
            True, False, False, False, ACC, PRECISION, BLOCK_ROWS, BLOCK_K, BLOCK_N)
     tl.debug_barrier()
 
-    # The draw, as sampling.draw does it: float64 softmax at the temperature, inverse CDF against u,
+    # The draw, as streams.draw does it: float64 softmax at the temperature, inverse CDF against u,
     # log-prob at temperature 1.
     m = tl.arange(0, BLOCK_ROWS)
     m_ok = m < rows
@@ -217,30 +218,30 @@ def _torch_matmul_uses_tf32() -> bool:
         return False
 
 
-class FusedPixelCNNStepper(_Stepper):
-    """The cached sampler's loop (``_Stepper.run``) with each pixel step one ``_pixel_step`` launch."""
+class FusedPixelCNNStepper(Stepper):
+    """The cached sampler's loop (``Stepper.run``) with each pixel step one ``pixel_step`` launch."""
 
     def __init__(self, model: PixelCNN, batch: int, dtype, device):
         cfg = self.cfg = model.config
         self.dtype = dtype
         h, width, blocks = cfg.hidden, cfg.image_size[1], len(model.blocks)
-        self.input_cache = _CachedConv.masked(model.input_conv, batch, width, dtype, device)
+        self.input_cache = CachedConv.masked(model.input_conv, batch, width, dtype, device)
         self.in_scale, self.in_shift = _affine(model.input_norm, 2 * h, dtype, device)
-        # Every block's 3x3 conv cache laid out as a _CachedConv's (rows: above, current; padded
+        # Every block's 3x3 conv cache laid out as a CachedConv's (rows: above, current; padded
         # columns), stacked over blocks: buffer [L, B, 2, 1, W + 2, h], row term [L, B, W, h].
         self.conv_buffer = torch.zeros(blocks, batch, 2, 1, width + 2, h, dtype=dtype, device=device)
         self.conv_term = torch.zeros(blocks, batch, width, h, dtype=dtype, device=device)
         # The current rows the kernel reads and writes: input [B, cols, C], blocks' [L, B, cols, h].
         self.in_row, self.conv_row = self.input_cache.buffer[:, -1, 0], self.conv_buffer[:, :, 1, 0]
-        taps = [_CachedConv.tap_weights(block.conv.masked_weight()[:, :, :2].to(dtype), pad_left=1)
+        taps = [CachedConv.tap_weights(block.conv.masked_weight()[:, :, :2].to(dtype), pad_left=1)
                 for block in model.blocks]
         self.conv_w = torch.stack([now for now, _ in taps])  # [L, 2h, h]: taps at columns j - 1, j
         self.conv_weight_above = torch.stack([above for _, above in taps])  # [L, 3h, h]
         self.conv_bias = torch.stack([block.conv.bias.to(dtype) for block in model.blocks])[:, None]
         self.label_embeddings = [block.label_bias for block in model.blocks] if cfg.num_classes else None
         self.label_bias = None
-        reduce = [_Pointwise(block.reduce, dtype) for block in model.blocks]
-        expand = [_Pointwise(block.expand, dtype) for block in model.blocks]
+        reduce = [Pointwise(block.reduce, dtype) for block in model.blocks]
+        expand = [Pointwise(block.expand, dtype) for block in model.blocks]
         self.reduce_w, self.reduce_b = torch.stack([p.weight for p in reduce]), torch.stack([p.bias for p in reduce])
         self.expand_w, self.expand_b = torch.stack([p.weight for p in expand]), torch.stack([p.bias for p in expand])
         # (scale, shift) of norm1, norm2, norm3, each stacked over blocks
@@ -250,10 +251,10 @@ class FusedPixelCNNStepper(_Stepper):
             for name, width_ in (("norm1", h), ("norm2", h), ("norm3", 2 * h))
         ]
         assert len(model.head) == 2, "the kernel runs PixelCNN's two head convs"
-        head = [_Pointwise(conv, dtype) for conv in model.head]
+        head = [Pointwise(conv, dtype) for conv in model.head]
         self.head_w, self.head_b = torch.stack([p.weight for p in head]), torch.stack([p.bias for p in head])
         # Output weight [2h, levels * C] (column l C + c: level l of channel c) regrouped per channel.
-        output = _Pointwise(model.output_conv, dtype)
+        output = Pointwise(model.output_conv, dtype)
         self.out_w = output.weight.view(2 * h, cfg.levels, cfg.in_channels).permute(2, 0, 1).contiguous()
         self.out_b = output.bias.view(cfg.levels, cfg.in_channels).t().contiguous()
 
@@ -280,7 +281,7 @@ class FusedPixelCNNStepper(_Stepper):
             self.label_bias = torch.stack([e(labels).to(self.dtype) for e in self.label_embeddings])[:, :, None]
 
     def start_row(self, i: int, levels: torch.Tensor) -> None:
-        """``_CachedConv.start_row`` for every block's 3x3 conv at once (and the input conv's own)."""
+        """``CachedConv.start_row`` for every block's 3x3 conv at once (and the input conv's own)."""
         self.input_cache.start_row(i)
         blocks, batch, _, _, cols, h = self.conv_buffer.shape
         if i:  # the current row becomes the row above; the new current row starts empty
@@ -301,10 +302,10 @@ class FusedPixelCNNStepper(_Stepper):
             return super().run(u, labels, temperature)
 
     def step(self, i, j, c, u, levels, log_prob, input_values, temperature) -> None:
-        _pixel_step[self.grid](*self.kernel_args(i, j, c, u, levels, log_prob, input_values), **self.meta)
+        pixel_step[self.grid](*self.kernel_args(i, j, c, u, levels, log_prob, input_values), **self.meta)
 
     def kernel_args(self, i, j, c, u, levels, log_prob, input_values) -> list:
-        """``_pixel_step``'s positional arguments for channel c of pixel (i, j) (``meta``: the rest)."""
+        """``pixel_step``'s positional arguments for channel c of pixel (i, j) (``meta``: the rest)."""
         in_row, conv_row = self.in_row, self.conv_row
         level_view, u_view = levels[:, c, i, j], u[:, i, j, c]
         return [
