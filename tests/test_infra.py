@@ -1,4 +1,4 @@
-"""Offline checks of the cluster and infrastructure files: cluster.yaml, infra/, and the README runbook.
+"""Offline checks of the cluster and infrastructure files: cluster.yaml, infra/, and the runbook (docs/aws.md).
 
 What this proves, without network access or a running Ray cluster:
 
@@ -15,7 +15,7 @@ What this proves, without network access or a running Ray cluster:
 * The KubeRay RayJobs parse, shut down after the job, run no work on the head, request and
   tolerate ``nvidia.com/gpu``, use the same image as cluster.yaml and an IRSA service account
   (no keys). Their ``entrypoint`` equals the ``python jobs/...`` part of the matching
-  ``ray job submit`` line in README.md's runbook section.
+  ``ray job submit`` line in the runbook, docs/aws.md.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ KUBERAY = {
     "train": REPO / "infra" / "kuberay" / "train-rayjob.yaml",
     "generate": REPO / "infra" / "kuberay" / "generate-rayjob.yaml",
 }
-# The job commands are read from the runbook section of the README.
-RUNBOOK_SOURCE = REPO / "README.md"
-RUNBOOK_HEADING = "## Runbook: from nothing to a million samples on AWS"
+# The job commands are read from the runbook.
+RUNBOOK_SOURCE = REPO / "docs" / "aws.md"
+RUNBOOK_HEADING = "# Runbook: from nothing to a million samples on AWS"
 STACK_NAME = "pixelcnn"  # the --stack-name the runbook deploys with
 BUCKET_ID = "ArtifactBucket"  # logical id of the project bucket in the template
 
@@ -118,8 +118,7 @@ def runbook_commands() -> dict[str, str]:
     """{'train': full line, 'generate': full line} from the runbook section of RUNBOOK_SOURCE."""
     text = RUNBOOK_SOURCE.read_text()
     assert RUNBOOK_HEADING in text, f"{RUNBOOK_SOURCE.name} has no section {RUNBOOK_HEADING!r}"
-    section = text.split(RUNBOOK_HEADING, 1)[1]
-    section = re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]  # up to the next H2
+    section = text.split(RUNBOOK_HEADING, 1)[1]  # the whole runbook: its steps and the KubeRay part
     bash_blocks = re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)
     found: dict[str, list[str]] = {"train": [], "generate": []}
     for block in bash_blocks:
