@@ -4,18 +4,26 @@ What this proves, without network access or a running Ray cluster:
 
 * ``cluster.yaml`` passes Ray's own ``prepare_config`` and ``validate_config`` (the JSON
   schema that ``ray up`` applies). A guard makes any network connection fail while this runs.
-  The head advertises ``CPU: 0``. The GPU worker type autoscales from 0 and has its own
-  IAM instance profile. The setup commands ``pip install`` the repo that ``file_mounts``
-  copies from ``.``. Under moto's offline EC2 instance catalogue, the declared
+  The head advertises ``CPU: 0``. There are two GPU worker types, on-demand and spot, with the
+  same resources and node config but the market; both autoscale from 0 within ``max_workers``
+  and have their own IAM instance profile. The setup commands ``pip install`` the repo that
+  ``file_mounts`` copies from ``.``. Under moto's offline EC2 instance catalogue, the declared
   resources match what Ray itself would detect for those instance types.
+* Every node starts Ray with ``RAY_AUTH_MODE=token`` and the token read from the stack's secret
+  in the same shell line, joined by ``&&`` (no start without it); no token is written in the file;
+  the dashboard binds to 127.0.0.1; every node type uses the stack's security group.
+  (tests/test_auth.py runs those commands, quoted as Ray's launcher quotes them.)
 * ``infra/pixelcnn-stack.yaml`` passes ``cfn-lint`` with no output. Its bucket is
   private, encrypted, denies non-TLS access and has lifecycle rules. Every IAM grant of S3
   actions is limited to that bucket, with no ``s3:*`` and no ``*`` resource. The head may pass
-  only the worker role. The profile names agree with the ARNs in cluster.yaml.
+  only the worker role. The profile names agree with the ARNs in cluster.yaml. The token is a
+  generated secret that only the head and worker roles may read (``GetSecretValue`` on its ARN,
+  nothing else). The security group opens SSH only to the ``SshCidr`` parameter (no default, no
+  0.0.0.0/0) and every other port only to its own members.
 * The KubeRay RayJobs parse, shut down after the job, run no work on the head, request and
   tolerate ``nvidia.com/gpu``, use the same image as cluster.yaml and an IRSA service account
-  (no keys). Their ``entrypoint`` equals the ``python jobs/...`` part of the matching
-  ``ray job submit`` line in the runbook, docs/aws.md.
+  (no keys), and turn on token authentication (``authOptions``). Their ``entrypoint`` equals the
+  ``python jobs/...`` part of the matching ``ray job submit`` line in the runbook, docs/aws.md.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ RUNBOOK_SOURCE = REPO / "docs" / "aws.md"
 RUNBOOK_HEADING = "# Runbook: from nothing to a million samples on AWS"
 STACK_NAME = "pixelcnn"  # the --stack-name the runbook deploys with
 BUCKET_ID = "ArtifactBucket"  # logical id of the project bucket in the template
+SECRET_ID = "RayAuthToken"  # logical id of the Ray token's secret
+SG_ID = "ClusterSecurityGroup"  # logical id of the cluster's security group
+NODE_ROLES = {"HeadRole", "WorkerRole"}  # the only roles that may read the token
+SG_PLACEHOLDER = "sg-0123456789abcdef0"  # cluster.yaml's security group id until the runbook replaces it
 
 
 # --------------------------------------------------------------------------- helpers
@@ -100,14 +112,22 @@ def load_rayjob(path: Path) -> tuple[dict, list[dict]]:
     return jobs[0], docs
 
 
-def gpu_worker_type(config: dict) -> tuple[str, dict]:
-    gpu_types = [
-        (name, nt)
-        for name, nt in config["available_node_types"].items()
-        if name != config["head_node_type"] and nt.get("resources", {}).get("GPU", 0) > 0
-    ]
-    assert len(gpu_types) == 1, f"expected one GPU worker type, got {gpu_types}"
-    return gpu_types[0]
+def gpu_worker_types(config: dict) -> dict[str, tuple[str, dict]]:
+    """{'on-demand': (name, node type), 'spot': (name, node type)}: the two GPU worker types."""
+    found: dict[str, list] = {"on-demand": [], "spot": []}
+    for name, nt in config["available_node_types"].items():
+        if name == config["head_node_type"] or nt.get("resources", {}).get("GPU", 0) <= 0:
+            continue
+        market = nt["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+        found[market].append((name, nt))
+    assert all(len(v) == 1 for v in found.values()), f"expected one on-demand and one spot GPU type: {found}"
+    return {market: types[0] for market, types in found.items()}
+
+
+def sub_stack_name(value) -> str:
+    """A template value ``!Sub "${AWS::StackName}-..."`` as deployed under STACK_NAME."""
+    assert isinstance(value, dict) and set(value) == {"Fn::Sub"}, value
+    return value["Fn::Sub"].replace("${AWS::StackName}", STACK_NAME)
 
 
 def as_list(value) -> list:
@@ -165,11 +185,22 @@ def test_cluster_yaml_passes_ray_validation_offline(no_network):
     assert head["max_workers"] == 0
     assert "GPU" not in head["resources"]
 
-    name, worker = gpu_worker_type(config)
-    assert worker["resources"]["GPU"] >= 1
-    assert worker["resources"]["CPU"] >= worker["resources"]["GPU"]
-    assert worker["min_workers"] == 0, "GPU workers should scale down to zero"
-    assert 1 <= worker["max_workers"] <= config["max_workers"]
+    gpu_types = gpu_worker_types(config)
+    for name, worker in gpu_types.values():
+        assert worker["resources"]["GPU"] >= 1
+        assert worker["resources"]["CPU"] >= worker["resources"]["GPU"]
+        assert worker["min_workers"] == 0, f"{name}: GPU workers should scale down to zero"
+        assert 0 <= worker["max_workers"] <= config["max_workers"], name
+    # The spot type is the on-demand one at another price: same resources and node, only the market differs.
+    (_, on_demand), (_, spot) = gpu_types["on-demand"], gpu_types["spot"]
+    assert spot["resources"] == on_demand["resources"]
+    assert {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"} == on_demand["node_config"]
+    assert spot["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    # As shipped one type is on (on-demand, as the quota advice in the runbook assumes), and the two
+    # together never exceed the cluster's cap.
+    assert on_demand["max_workers"] >= 1
+    assert on_demand["max_workers"] + spot["max_workers"] <= config["max_workers"]
+    worker = on_demand
 
     # Every node type declares its resources, so nothing needs an instance-type lookup.
     for node_type in config["available_node_types"].values():
@@ -226,6 +257,54 @@ def test_declared_resources_match_ec2_instance_types(no_network):
         for key in declared:
             if key.startswith("accelerator_type:"):
                 assert key in auto, (name, key, auto)
+
+
+def _token_fetch(command: str) -> str:
+    """The secret name a command reads the token from: ``python -c '...get_secret_value...' secretsmanager
+    <name> SecretString`` (the arguments keep the Python free of quotes, so it nests in any quoting)."""
+    m = re.search(
+        r"""RAY_AUTH_TOKEN="\$\(python -c (['"])import boto3, sys; print\(boto3\.client\(sys\.argv\[1\]\)"""
+        r"""\.get_secret_value\(SecretId=sys\.argv\[2\]\)\[sys\.argv\[3\]\]\)\1 secretsmanager (\S+) SecretString\)\"""",
+        command,
+    )
+    assert m, f"no token read from Secrets Manager in: {command}"
+    return m.group(2)
+
+
+def test_every_node_starts_ray_with_the_token_from_the_secret():
+    config = load_cluster()
+    text = CLUSTER_YAML.read_text()
+    secret_name = sub_stack_name(load_stack()["Resources"][SECRET_ID]["Properties"]["Name"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if re.search(r"\bray start\b", c)]
+        # Mode, token and `ray start` in one shell line, chained with && from the mode on: a failed read
+        # starts nothing (never Ray without authentication), and `ray start` inherits both variables.
+        links = [part.strip() for part in start[start.index("export RAY_AUTH_MODE=token"):].split("&&")]
+        assert len(links) == 4, (key, start)
+        assert links[0] == "export RAY_AUTH_MODE=token", (key, start)
+        assert _token_fetch(links[1]) == secret_name and links[1].endswith(')"'), (key, start)
+        assert links[2] == "export RAY_AUTH_TOKEN", (key, start)
+        assert links[3].startswith("ray start ") and ";" not in links[3], (key, start)
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "--head" in head.split() and "--dashboard-host=127.0.0.1" in head.split()
+    assert "0.0.0.0" not in json.dumps(config), "nothing in cluster.yaml may listen on, or open to, every address"
+
+    # Shells the launcher opens on a node read the same secret (setup command -> ~/.bashrc).
+    (bashrc,) = [c for c in config["setup_commands"] if ".bashrc" in c]
+    assert "export RAY_AUTH_MODE=token" in bashrc and _token_fetch(bashrc) == secret_name
+
+    # No token in the file: RAY_AUTH_TOKEN is only ever set from a command, and no long random-looking
+    # string (a pasted token) appears anywhere.
+    assert all(m.startswith('"$(') for m in re.findall(r"RAY_AUTH_TOKEN=(\S{0,3})", text)), text
+    assert not re.findall(r"[A-Za-z0-9]{32,}", text)
+    assert "RAY_AUTH_TOKEN_PATH" not in text and "auth_token" not in text
+
+
+def test_every_node_type_uses_the_stacks_security_group():
+    config = load_cluster()
+    groups = {name: nt["node_config"].get("SecurityGroupIds") for name, nt in config["available_node_types"].items()}
+    assert set(map(tuple, groups.values())) == {(SG_PLACEHOLDER,)}, groups
+    assert "ClusterSecurityGroupId" in load_stack()["Outputs"]
 
 
 # --------------------------------------------------------------------------- CloudFormation
@@ -340,7 +419,7 @@ def test_iam_s3_access_is_limited_to_the_project_bucket():
 
     # Workers get the bucket policy and nothing else. The head may pass only the worker role.
     worker = resources["WorkerRole"]["Properties"]
-    assert worker["ManagedPolicyArns"] == [{"Ref": "BucketAccessPolicy"}]
+    assert worker["ManagedPolicyArns"] == [{"Ref": "BucketAccessPolicy"}, {"Ref": "RayAuthTokenReadPolicy"}]
     assert not worker.get("Policies")
     head = resources["HeadRole"]["Properties"]
     assert {"Ref": "BucketAccessPolicy"} in head["ManagedPolicyArns"]
@@ -358,7 +437,6 @@ def test_instance_profiles_match_cluster_yaml():
     template = load_stack()
     resources = template["Resources"]
     config = load_cluster()
-    _, worker = gpu_worker_type(config)
     head = config["available_node_types"][config["head_node_type"]]
 
     def profile_arn_suffix(logical_id: str, role_id: str) -> str:
@@ -370,11 +448,107 @@ def test_instance_profiles_match_cluster_yaml():
     assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith(
         profile_arn_suffix("HeadInstanceProfile", "HeadRole")
     )
-    assert worker["node_config"]["IamInstanceProfile"]["Arn"].endswith(
-        profile_arn_suffix("WorkerInstanceProfile", "WorkerRole")
-    )
+    for name, worker in gpu_worker_types(config).values():
+        assert worker["node_config"]["IamInstanceProfile"]["Arn"].endswith(
+            profile_arn_suffix("WorkerInstanceProfile", "WorkerRole")
+        ), name
     # The head may only stop or terminate instances tagged with this cluster's name.
     assert template["Parameters"]["ClusterName"]["Default"] == config["cluster_name"]
+
+
+def test_the_token_is_a_generated_secret_only_the_node_roles_may_read():
+    template = load_stack()
+    resources = template["Resources"]
+    secrets_ = [rid for rid, r in resources.items() if r["Type"] == "AWS::SecretsManager::Secret"]
+    assert secrets_ == [SECRET_ID]
+    props = resources[SECRET_ID]["Properties"]
+    assert "SecretString" not in props, "the token must be generated, never written in the template"
+    generated = props["GenerateSecretString"]
+    assert generated["PasswordLength"] >= 32 and "SecretStringTemplate" not in generated
+    # Generated, not passed in: no parameter carries a token.
+    assert not [p for p in template["Parameters"] if "token" in p.lower() or "secret" in p.lower()]
+
+    # Every grant of a secretsmanager action: GetSecretValue on that secret's ARN only, from policies
+    # attached to the head and worker roles and nothing else.
+    granting = set()
+    for rid, statement in _permission_statements(resources):
+        actions = [a.lower() for a in as_list(statement.get("Action", []))]
+        if not any(a.startswith("secretsmanager:") or a == "*" for a in actions):
+            continue
+        assert statement["Effect"] == "Allow" and "NotResource" not in statement, (rid, statement)
+        assert actions == ["secretsmanager:getsecretvalue"], (rid, statement)
+        assert as_list(statement["Resource"]) == [{"Ref": SECRET_ID}], (rid, statement)
+        granting.add(rid)
+    assert granting, "no policy lets the nodes read the token"
+    for rid in granting:
+        policy = resources[rid]
+        assert policy["Type"] == "AWS::IAM::ManagedPolicy", (rid, "inline grants would hide who holds them")
+        assert not {"Roles", "Users", "Groups"} & set(policy["Properties"]), rid
+        holders = {
+            other for other, r in resources.items()
+            if {"Ref": rid} in r.get("Properties", {}).get("ManagedPolicyArns", [])
+        }
+        assert holders == NODE_ROLES, (rid, holders)
+    # No resource policy opens the secret to anyone else.
+    for rid, r in resources.items():
+        if r["Type"] == "AWS::SecretsManager::ResourcePolicy":
+            for statement in as_list(r["Properties"]["ResourcePolicy"]["Statement"]):
+                assert statement["Effect"] == "Deny", (rid, statement)
+
+    outputs = template["Outputs"]
+    assert outputs["RayAuthTokenSecretArn"]["Value"] == {"Ref": SECRET_ID}
+    assert sub_stack_name(outputs["RayAuthTokenSecretName"]["Value"]) == sub_stack_name(props["Name"])
+
+
+def _ingress_rules(resources: dict):
+    """(rule, where) for every ingress rule of the cluster's security group: inline and standalone."""
+    for rule in resources[SG_ID]["Properties"].get("SecurityGroupIngress", []):
+        yield rule, SG_ID
+    for rid, r in resources.items():
+        if r["Type"] == "AWS::EC2::SecurityGroupIngress":
+            yield r["Properties"], rid
+
+
+def _is_cluster_group(value) -> bool:
+    return value in ({"Ref": SG_ID}, {"Fn::GetAtt": [SG_ID, "GroupId"]})
+
+
+def test_security_group_opens_ssh_to_the_cidr_parameter_and_the_rest_to_members_only():
+    template = load_stack()
+    resources, params = template["Resources"], template["Parameters"]
+    groups = [rid for rid, r in resources.items() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    assert groups == [SG_ID]
+    assert params["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
+    assert resources[SG_ID]["Properties"]["VpcId"] == {"Ref": "VpcId"}
+
+    # SshCidr has no default (every deploy names its own) and refuses the whole internet.
+    ssh_cidr = params["SshCidr"]
+    assert "Default" not in ssh_cidr
+    pattern = re.compile(ssh_cidr["AllowedPattern"])
+    for good in ("203.0.113.7/32", "10.0.0.0/16", "192.168.1.0/24"):
+        assert pattern.fullmatch(good), good
+    for bad in ("0.0.0.0/0", "0.0.0.0/1", "128.0.0.0/4", "203.0.113.7", "::/0", "300.1.1.1/32"):
+        assert not pattern.fullmatch(bad), bad
+
+    values = json.dumps([template["Resources"], template["Parameters"]])  # the template's values, not its comments
+    assert "0.0.0.0/0" not in values and "::/0" not in values
+    ssh, members = [], []
+    for rule, where in _ingress_rules(resources):
+        assert "CidrIpv6" not in rule and "SourcePrefixListId" not in rule, (where, rule)
+        if where != SG_ID:
+            assert _is_cluster_group(rule["GroupId"]), (where, rule)
+        if "CidrIp" in rule:
+            # The one rule open to addresses outside the group: SSH, from the parameter.
+            assert rule["CidrIp"] == {"Ref": "SshCidr"}, (where, rule)
+            assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22), (where, rule)
+            ssh.append(rule)
+        else:
+            # Everything else (Ray's ports, NCCL, the head's SSH to workers) only from the group's own members.
+            assert _is_cluster_group(rule.get("SourceSecurityGroupId")), (where, rule)
+            assert "SourceSecurityGroupOwnerId" not in rule, (where, rule)
+            members.append(rule)
+    assert len(ssh) == 1 and len(members) >= 1
+    assert "ClusterSecurityGroupId" in template["Outputs"]
 
 
 # --------------------------------------------------------------------------- KubeRay
@@ -393,6 +567,14 @@ def test_kuberay_rayjob(kind):
 
     cluster = spec["rayClusterSpec"]
     image = load_cluster()["docker"]["image"]
+    # Token authentication: KubeRay >= 1.5.1 generates the token into a Secret and sets RAY_AUTH_MODE and
+    # RAY_AUTH_TOKEN on every Ray container and on the submitter (needs rayVersion >= 2.52).
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0)
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    env_names = {e["name"] for pod_ in pods for c in pod_["containers"] for e in c.get("env", [])}
+    assert not env_names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}, "the operator sets them"
+    assert not re.findall(r"[A-Za-z0-9]{32,}", KUBERAY[kind].read_text()), "no token in the manifest"
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     head_pod = head["template"]["spec"]
@@ -439,6 +621,7 @@ def test_kuberay_rayjob(kind):
     entry = spec["entrypoint"]
     if kind == "train":
         assert "--use-gpu" in entry.split() and int(flag(entry, "--num-workers")) <= capacity
+        assert 1 <= int(flag(entry, "--min-workers")) <= int(flag(entry, "--num-workers"))
     else:
         assert int(flag(entry, "--num-actors")) * int(flag(entry, "--gpus-per-actor")) <= capacity
 
