@@ -117,7 +117,7 @@ def measure(kind: str, method: str, batch: int, device: str, naive_steps: int, f
             "how": how, **extra}
 
 
-def ops_perpixel_step(kind: str) -> float:
+def ops_per_pixel_step(kind: str) -> float:
     """The cached sampler's PyTorch ops per pixel step, views excluded (batch 1, on the CPU)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -235,8 +235,8 @@ def main() -> None:
     fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS if m in methods]
     rows = []
     for kind in models:
-        ops = in_child(ops_perpixel_step, kind)
-        rows.append({"model": kind, "ops_perpixel_step": ops})
+        ops = in_child(ops_per_pixel_step, kind)
+        rows.append({"model": kind, "ops_per_pixel_step": ops})
         print(f"{kind:9s} cached sampler: {ops:.0f} PyTorch ops per pixel step (views excluded)", flush=True)
         for batch in batches:
             fast = [run_tiles(kind, m, batch, args.device, args.naive_steps, t) for m, t in fast_methods]

@@ -1,4 +1,4 @@
-"""What both jobs share: storage URIs (local folder or S3), connecting to Ray, one-line errors.
+"""What the jobs share: storage URIs (local folder or S3), connecting to Ray, one-line errors.
 
 S3 access uses the standard AWS credential chain only (environment, shared config, instance profile,
 IRSA): no credential is ever taken from a flag, written to a file or logged. An S3-compatible endpoint
@@ -8,39 +8,28 @@ comes from ``--s3-endpoint`` or ``AWS_ENDPOINT_URL``; the region from ``AWS_REGI
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import re
+import signal
 import sys
 import uuid
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from pixelcnn.errors import InputError, one_line
+from pixelcnn.files import write_atomically
 
 
 class JobError(Exception):
     """A problem with the user's request: printed as one line, exit status 2."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except where there is none (its help says what happens then)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The jobs' flags: --help shows defaults; a bad flag is one ``error:`` line, exit status 2, like
-    every other refusal (argparse would print its usage first). Flags are taken whole: a prefix such
-    as ``--num-sample`` is refused, not read as ``--num-samples``."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> None:
-        fail(f"{message} (see --help)")
+class Terminated(BaseException):
+    """SIGTERM (``ray job stop``, Kubernetes): handled like Ctrl-C."""
 
 
 def fail(message: str) -> None:
@@ -48,16 +37,45 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def one_line(error: BaseException) -> str:
-    """An I/O error's message on one line, cut to a length an error line can carry."""
-    return " ".join(str(error).split())[:300]
+def stopped(status: int) -> None:
+    """Ctrl-C (130) or SIGTERM (143): one line, and the shell's status for the signal. Every file a job
+    writes is whole (checkpoints, part files), so the same command again resumes."""
+    what = "interrupted" if status == 130 else "terminated"
+    print(f"error: {what}: rerun the same command to resume", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
-def interrupted() -> None:
-    """Ctrl-C: one line, and the shell's status for SIGINT. Every file a job writes is whole (checkpoints,
-    part files), so the same command again resumes."""
-    print("error: interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
-    raise SystemExit(130)
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def one_error_line(what: str):
+    """Run a job's body so that whatever stops it ends in one ``error:`` line: a refusal (exit 2), Ctrl-C
+    (130), SIGTERM (143), or a failure in Ray, a worker or the driver, named by its root cause (exit 2;
+    ``PIXELCNN_DEBUG=1`` re-raises it with its whole traceback instead). Ray is shut down either way."""
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    except (JobError, InputError) as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        stopped(130)
+    except Terminated:
+        stopped(143)
+    except SystemExit:
+        raise
+    except Exception as error:
+        if os.environ.get("PIXELCNN_DEBUG") == "1":
+            raise
+        fail(f"{what} failed: {root_cause(error)} (PIXELCNN_DEBUG=1 shows the traceback)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown_ray()
+
+
+# --- storage -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,18 +105,21 @@ class S3Settings:
         kwargs["region"] = self.region or "us-east-1"
         return pafs.S3FileSystem(**kwargs)
 
-    def put_if_absent(self, path: str, data: bytes) -> bool:
-        """PUT ``bucket/key`` unless it exists (S3's conditional write, If-None-Match: *, which Arrow's
-        filesystem does not offer): whether this call created it."""
+    def client(self):
+        """A boto3 S3 client of its own session (boto3's default one keeps the credentials it first found),
+        for what Arrow's filesystem does not offer: conditional writes."""
         import boto3
+
+        endpoint = self.endpoint if not self.endpoint or "://" in self.endpoint else f"https://{self.endpoint}"
+        return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=self.region or "us-east-1")
+
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """PUT ``bucket/key`` unless it exists (If-None-Match: *): whether this call created it."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = path.split("/", 1)
-        endpoint = self.endpoint if not self.endpoint or "://" in self.endpoint else f"https://{self.endpoint}"
         try:
-            # A session of its own: boto3's default one keeps the credentials it first found.
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=self.region or "us-east-1")
-            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            self.client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
@@ -120,6 +141,11 @@ class Storage:
     def fs(self) -> pafs.FileSystem:
         return self.s3.filesystem() if self.s3 else pafs.LocalFileSystem()
 
+    @property
+    def where(self) -> str:
+        """The storage and, on S3, the endpoint: what an I/O error names."""
+        return f"{self.uri} (endpoint {self.s3.endpoint})" if self.s3 and self.s3.endpoint else self.uri
+
     def child(self, name: str) -> "Storage":
         return Storage(f"{self.uri.rstrip('/')}/{name}", f"{self.path.rstrip('/')}/{name}", self.s3)
 
@@ -134,20 +160,12 @@ class Storage:
             return f.read()
 
     def write(self, name: str, data: bytes) -> None:
-        """Write a whole file so that readers never see a partial one.
-
-        An S3 PUT is atomic already; locally we write a hidden temporary file and rename it.
-        """
-        fs, target = self.fs, self.file(name)
+        """Write a whole file so that readers never see a partial one (an S3 PUT is atomic already)."""
         if self.s3:
-            with fs.open_output_stream(target) as f:
+            with self.fs.open_output_stream(self.file(name)) as f:
                 f.write(data)
-            return
-        fs.create_dir(os.path.dirname(target), recursive=True)
-        tmp = f"{os.path.dirname(target)}/.tmp-{uuid.uuid4().hex}-{os.path.basename(target)}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, target)
+        else:
+            write_atomically(self.file(name), data)
 
     def create(self, name: str, data: bytes) -> bool:
         """Write a whole file only if ``name`` does not exist yet: of two jobs racing to create it, exactly
@@ -166,6 +184,10 @@ class Storage:
             return False
         finally:
             os.remove(tmp)
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.file(name))
 
     def list(self) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
@@ -194,7 +216,7 @@ def check_bucket(storage: Storage) -> None:
     try:
         info = storage.fs.get_file_info(bucket)
     except OSError as error:
-        raise JobError(f"cannot reach {storage.uri}: {one_line(error)}") from None
+        raise JobError(f"cannot reach {storage.where}: {one_line(error)}") from None
     if info.type == pafs.FileType.NotFound:
         raise JobError(f"S3 bucket {bucket!r} does not exist (storage {storage.uri})")
 
@@ -208,7 +230,10 @@ def check_writable(storage: Storage) -> None:
         storage.write(probe, b"")
         storage.fs.delete_file(storage.file(probe))
     except OSError as error:
-        raise JobError(f"cannot write to {storage.uri}: {one_line(error)}") from None
+        raise JobError(f"cannot write to {storage.where}: {one_line(error)}") from None
+
+
+# --- Ray -----------------------------------------------------------------------------------------
 
 
 def init_ray(address: str | None) -> None:
@@ -218,7 +243,13 @@ def init_ray(address: str | None) -> None:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as error:
+            refused = authentication_refused(address, error)
+            if refused:
+                raise JobError(refused) from None
+            raise
     else:
         # Ray gives workers the driver's script folder (jobs/) and working directory, not the repo root
         # the script put on its own sys.path: without it a job started from another folder could not
@@ -228,13 +259,38 @@ def init_ray(address: str | None) -> None:
         paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [path for path in paths if path != root])
         ray.init(address="local", log_to_driver=True)
+    # ray.init puts in its own SIGTERM handler (exit at once, or tear the local node down): ours makes it
+    # one error line like Ctrl-C, after which Ray is shut down all the same.
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+def authentication_refused(address: str, error: BaseException) -> str | None:
+    """The one line for a cluster that refused this job's authentication (never the token itself), or
+    None if ``error`` is something else. Ray reads RAY_AUTH_MODE and a token from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order."""
+    import ray.exceptions
+
+    text = f"{error} {error.__cause__ or ''}"
+    if not (isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in text):
+        return None
+    source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+              f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})" if os.environ.get("RAY_AUTH_TOKEN_PATH") else
+              "~/.ray/auth_token" if os.path.exists(os.path.expanduser("~/.ray/auth_token")) else None)
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return (f"the Ray cluster at {address} requires token authentication and this job sent no token: set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+    if source is None:
+        return (f"the Ray cluster at {address} requires an authentication token and none was found: set RAY_AUTH_TOKEN "
+                "or RAY_AUTH_TOKEN_PATH to the cluster's token")
+    return f"the Ray cluster at {address} refused the authentication token from {source}: it is not the cluster's token"
 
 
 def shutdown_ray() -> None:
-    import ray
+    if "ray" in sys.modules:
+        import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 # A worker's error arrives as text: its tracebacks joined by these lines, the innermost first.

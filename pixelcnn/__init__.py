@@ -3,8 +3,9 @@
 This package knows nothing of Ray or S3: `jobs/` applies distribution and storage from outside.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from .data import DataError, ImageData, load_dataset
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
+from .data import ImageData, load_dataset
+from .errors import CheckpointError, DataError
 from .likelihood import bits_per_dim, evaluate
 from .models import GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
 from .sampling import Samples, sample

@@ -12,8 +12,8 @@ loads it without executing any pickled code:
     step, epoch    training progress: optimizer steps and whole epochs done
     training       optional resume state (raw weights, optimizer, ...), ignored by load_model
 
-Files are written to a temporary name and renamed, so a crash never leaves a half-written
-checkpoint under the final name.
+Files are written whole (``files.write_atomically``), so a crash never leaves a half-written checkpoint
+under the final name.
 """
 
 from __future__ import annotations
@@ -21,22 +21,18 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import asdict
-from typing import BinaryIO, Callable
 
 import torch
 from torch import nn
 
+from .errors import CheckpointError, one_line
+from .files import write_atomically
 from .models import MODEL_CLASSES, build_model
 
 FORMAT = "pixelcnn-checkpoint/1"
 MODEL_FILE = "model.pt"  # name of the checkpoint file inside a checkpoint or run folder
 REQUIRED = ("format", "model_class", "model_config", "model_state", "data_shape", "step")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line naming the problem."""
 
 
 def checkpoint_dict(model: nn.Module, *, step: int, epoch: int = 0, dataset: str = "", training=None) -> dict:
@@ -59,23 +55,6 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` into a temporary file beside ``path``, renamed onto ``path`` once it succeeded: the
-    file under its final name is always whole (the old one, or the new one)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def resolve_checkpoint_path(path: str | os.PathLike) -> str:
     """A checkpoint file, or a folder holding ``model.pt`` (a checkpoint or run folder)."""
     path = os.fspath(path)
@@ -93,7 +72,7 @@ def _load_error(error: Exception) -> str:
         # The unpickler tripped over bytes it could not parse (EOFError, KeyError: 101, ...): its words are
         # about its own internals, not the file.
         return "not a file torch.save wrote"
-    text = " ".join(str(error).split())
+    text = one_line(error, limit=10_000)
     if "WeightsUnpickler error:" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
         detail = detail.split(". ", 1)[0].strip().rstrip(".")

@@ -1,7 +1,8 @@
-"""Image data as exact integer levels.
+"""Image data as exact integer levels: torchvision's datasets, a synthetic one for tests, and your own
+images (``images.py``).
 
-Every dataset is held in memory as ``uint8`` images ``[N, C, H, W]`` (MNIST is 47 MB) plus
-``int64`` labels. Training targets are those integers themselves, never reconstructed from floats
+``load_dataset`` holds a dataset in memory as ``uint8`` images ``[N, C, H, W]`` (MNIST is 47 MB) plus
+``int64`` labels (the training jobs stream datasets too large for that through Ray Data). Training targets are those integers themselves, never reconstructed from floats
 (``ceil(x * 255)`` maps 0 -> 0 but also shifts every other value; truncation after float maths
 turns 255 * (k / 255) into k - 1 for some k). The model input is derived from the integers:
 ``levels_to_input``.
@@ -12,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from ._torchvision import import_torchvision
+from .errors import DataError, one_line
+from .images import ImageOptions, Scan, find_images, in_test_split, read_range
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (channels, height, width, classes) of each dataset, known without loading it.
@@ -29,15 +33,13 @@ DATASET_SHAPES = {
 }
 
 
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message is one line naming the problem."""
-
-
 @dataclass
 class ImageData:
     images: torch.Tensor  # uint8 [N, C, H, W], integer levels
     labels: torch.Tensor  # int64 [N]
     num_classes: int
+    keys: list[str] | None = None  # your own images: each one's key (its path, or file#row), see images.py
+    classes: tuple[str, ...] = field(default=())  # class names, where the data has them
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,28 +64,70 @@ def quantize(images: torch.Tensor, num_levels: int) -> torch.Tensor:
 
 def load_dataset(
     name: str,
-    root: str | os.PathLike | None,
+    root: str | os.PathLike | None = None,
     *,
     train: bool = True,
     subset: int | None = None,
     download: bool = False,
+    filesystem: pafs.FileSystem | None = None,
+    **image_options,
 ) -> ImageData:
-    """Load ``name`` ('mnist', 'fashion_mnist', 'cifar10' via torchvision, or 'synthetic').
+    """Load a dataset into memory: ``name`` is 'mnist', 'fashion_mnist', 'cifar10' (torchvision's, under
+    ``root``; ``download`` lets torchvision fetch missing files), 'synthetic', or the path or URI of your
+    own images (a folder of image files or Parquet, local or ``s3://``, see ``images.py``; ``filesystem``
+    reads it, default pyarrow's for the URI; ``image_options`` are ``ImageOptions``' fields).
 
-    ``root`` is torchvision's root folder (holding ``MNIST/raw`` etc.); ``download`` lets torchvision
-    fetch missing files where a network exists. ``subset`` keeps the first ``subset`` images.
+    ``train`` picks the training split (for your own images: those outside the test split chosen by
+    ``test_fraction``, all of them when it is 0). ``subset`` keeps the first ``subset`` images.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if subset is not None and subset < 1:
         raise DataError(f"subset must be >= 1, got {subset}")
     if name == "synthetic":
         data = synthetic_bars(2048 if train else 512, seed=0 if train else 1)
-    else:
+    elif name in DATASETS:
         data = _load_torchvision(name, root, train=train, download=download)
+    elif "/" in name or "." in name or os.path.exists(name):  # a path or URI of your own images
+        data = load_images(name, train=train, filesystem=filesystem, options=ImageOptions(**image_options))
+    else:
+        raise DataError(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}, or a folder or URI of images")
     if subset is not None:
-        data = ImageData(data.images[:subset], data.labels[:subset], data.num_classes)
+        if subset > len(data):
+            split = "training" if train else "test"
+            raise DataError(f"{'--subset' if train else '--test-subset'} {subset} is more than the {len(data)} "
+                            f"{split} images of {name}")
+        data = ImageData(data.images[:subset], data.labels[:subset], data.num_classes,
+                         None if data.keys is None else data.keys[:subset], data.classes)
     return data
+
+
+def load_images(uri: str, *, train: bool = True, filesystem=None, options: ImageOptions = ImageOptions()) -> ImageData:
+    """Your own images in memory (one split of them), read and checked as ``images.py`` describes."""
+    source = find_images(uri, filesystem, options)
+    fs = filesystem or source_filesystem(uri)
+    rows = read_range(source, fs, 0, len(source), options)
+    test = in_test_split(rows.keys, options.test_fraction)
+    Scan().add(rows, test).check(source, test_fraction=options.test_fraction, needs_test=bool(options.test_fraction))
+    return images_from_rows(rows, ~test if train else test, source)
+
+
+def source_filesystem(uri: str) -> pafs.FileSystem:
+    from .images import resolve
+
+    return resolve(uri)[0]
+
+
+def images_from_rows(rows, keep: np.ndarray, source) -> ImageData:
+    """``Rows`` (``images.read_range``'s, or gathered from Ray Data) -> ImageData, in source order."""
+    order = np.argsort(rows.index[keep], kind="stable")
+    labels = rows.labels[keep][order]
+    num_classes = len(source.classes) if source.file_labels is not None else (
+        int(labels.max(initial=-1)) + 1 if len(labels) and labels.min() >= 0 else 0)
+    return ImageData(
+        torch.from_numpy(np.ascontiguousarray(rows.images[keep][order])),
+        torch.from_numpy(np.maximum(labels, 0)), num_classes,
+        list(np.asarray(rows.keys, dtype=object)[keep][order]),
+        source.classes,
+    )
 
 
 def _load_torchvision(name: str, root, *, train: bool, download: bool) -> ImageData:
@@ -98,7 +142,7 @@ def _load_torchvision(name: str, root, *, train: bool, download: bool) -> ImageD
         with _download_lock(root, download):
             ds = cls(root=root, train=train, download=download)
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. ..."
-        reason = " ".join(str(error).split())[:300]  # e.g. the download's URL and network error
+        reason = one_line(error)  # e.g. the download's URL and network error
         raise DataError(f"{name} not found under data root {root!r} ({reason})") from None
     images = torch.as_tensor(np.asarray(ds.data))
     images = images[:, None] if images.dim() == 3 else images.permute(0, 3, 1, 2)  # -> [N, C, H, W]

@@ -39,6 +39,39 @@ def loss_per_dim(logits: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), levels.long())
 
 
+@torch.no_grad()
+def score(model, levels: torch.Tensor, labels: torch.Tensor | None = None, *, label_probs=None,
+          per_pixel: bool = False) -> dict:
+    """Exact log-likelihood of each image (teacher-forced: one forward pass), in nats, float64.
+
+    Returns ``{"log_prob": [B]}``, plus for a conditional model given no ``labels`` the log-likelihood
+    marginalised over classes, log sum_c p(c) p(x | c) with ``label_probs`` p(c) (uniform by default), and
+    ``"likely_class"``, the class of the largest p(c) p(x | c); with ``per_pixel``, ``"nll_map"``: the NLL of
+    each pixel in bits per dimension, averaged over its channels, ``[B, H, W]``.
+    """
+    cfg = config_of(model)
+    if not cfg.num_classes or labels is not None:
+        logits = model_logits(model, levels, labels)
+        nll = F.cross_entropy(logits.double(), levels.long(), reduction="none")  # [B, C, H, W]
+        out = {"log_prob": -nll.flatten(1).sum(1)}
+    else:
+        prior = torch.full((cfg.num_classes,), 1.0 / cfg.num_classes, dtype=torch.float64) if label_probs is None \
+            else torch.as_tensor(label_probs, dtype=torch.float64)
+        per_class, maps = [], []
+        for c in range(cfg.num_classes):
+            logits = model_logits(model, levels, torch.full((len(levels),), c, dtype=torch.long, device=levels.device))
+            nll_c = F.cross_entropy(logits.double(), levels.long(), reduction="none")
+            per_class.append(-nll_c.flatten(1).sum(1))
+            maps.append(nll_c)
+        joint = torch.stack(per_class, 1) + prior.log().to(levels.device)[None]  # log p(c) + log p(x | c)
+        out = {"log_prob": torch.logsumexp(joint, 1), "likely_class": joint.argmax(1)}
+        # the per-pixel map of the most likely class's conditional
+        nll = torch.stack(maps, 1)[torch.arange(len(levels), device=levels.device), out["likely_class"]]
+    if per_pixel:
+        out["nll_map"] = nll.mean(1) / math.log(2)
+    return out
+
+
 def bits_per_dim(total_nll_nats: float, num_images: int, dims_per_image: int) -> float:
     return total_nll_nats / (num_images * dims_per_image * math.log(2))
 

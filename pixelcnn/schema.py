@@ -1,4 +1,7 @@
-"""The Parquet schema of generated samples: one row per image, PNG bytes plus metadata.
+"""The Parquet schemas the jobs write: generated samples (``SAMPLE_SCHEMA``, one row per image, PNG bytes
+plus metadata) and scores (``SCORE_SCHEMA``, one row per scored image: docs/scoring.md).
+
+Generated samples:
 
 | column        | type                 | meaning                                                       |
 |---------------|----------------------|---------------------------------------------------------------|
@@ -56,14 +59,6 @@ def encode_png(image: torch.Tensor | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def grid_png(images: torch.Tensor) -> bytes:
-    """A contact sheet of uint8 images ``[N, C, H, W]`` as PNG bytes (torchvision's ``make_grid``)."""
-    from ._torchvision import import_torchvision
-
-    grid = import_torchvision().utils.make_grid(images, nrow=math.ceil(math.sqrt(len(images))), pad_value=128)
-    return encode_png(grid)  # make_grid always gives 3 channels
-
-
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 ``[C, H, W]``."""
     array = np.array(Image.open(io.BytesIO(data)))
@@ -72,9 +67,9 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def sample_table(
     ids: np.ndarray,
-    images: torch.Tensor,
-    log_prob: torch.Tensor,
-    labels: torch.Tensor | None,
+    images: torch.Tensor | np.ndarray,
+    log_prob: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None,
     *,
     seed: int,
     temperature: float,
@@ -84,17 +79,18 @@ def sample_table(
     model_sha256: str,
 ) -> pa.Table:
     """Rows in ``SAMPLE_SCHEMA`` for a batch of samples."""
+    images = np.asarray(images, dtype=np.uint8)
     n, channels, height, width = images.shape
-    log_prob = log_prob.double().numpy()
+    log_prob = np.asarray(log_prob, dtype=np.float64)
     created = datetime.now(timezone.utc)
     columns = {
         "id": np.asarray(ids, dtype=np.int64),
         "seed": np.full(n, seed, dtype=np.int64),
-        "image_png": [encode_png(image) for image in images.numpy()],
+        "image_png": [encode_png(image) for image in images],
         "height": np.full(n, height, dtype=np.int32),
         "width": np.full(n, width, dtype=np.int32),
         "channels": np.full(n, channels, dtype=np.int32),
-        "label": pa.nulls(n, pa.int32()) if labels is None else labels.numpy().astype(np.int32),
+        "label": pa.nulls(n, pa.int32()) if labels is None else np.asarray(labels).astype(np.int32),
         "log_prob": log_prob,
         "bits_per_dim": -log_prob / (channels * height * width * math.log(2)),
         "temperature": np.full(n, temperature, dtype=np.float64),
@@ -105,3 +101,56 @@ def sample_table(
         "created_at": [created] * n,
     }
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
+
+
+SCORE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("row", pa.int64(), nullable=True),
+    pa.field("label", pa.int32(), nullable=True),
+    pa.field("log_prob", pa.float64(), nullable=False),
+    pa.field("bits_per_dim", pa.float64(), nullable=False),
+    pa.field("likely_class", pa.int32(), nullable=True),
+    pa.field("nll_png", pa.binary(), nullable=True),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("channels", pa.int32(), nullable=False),
+    pa.field("dtype", pa.string(), nullable=False),
+    pa.field("checkpoint", pa.string(), nullable=False),
+    pa.field("model_sha256", pa.string(), nullable=False),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+NLL_PNG_BITS = 16.0  # nll_png: 0..255 spans 0..16 bits per dimension (a pixel's NLL, mean over its channels)
+
+
+def nll_png(nll_map: np.ndarray) -> bytes:
+    """A per-pixel NLL map ``[H, W]`` in bits/dim as a grayscale PNG, on the fixed scale NLL_PNG_BITS, so
+    maps of different images compare (brighter: less likely)."""
+    levels = np.clip(np.rint(np.asarray(nll_map) * (255 / NLL_PNG_BITS)), 0, 255).astype(np.uint8)
+    return encode_png(levels[None])
+
+
+def score_table(ids, sources: list[str], rows, labels, log_prob, *, shape, likely_class=None, nll_maps=None,
+                dtype: str, checkpoint: str, model_sha256: str) -> pa.Table:
+    """Rows in ``SCORE_SCHEMA`` for a batch of scored images (``rows``/``labels``: None entries are nulls)."""
+    channels, height, width = shape
+    n = len(ids)
+    log_prob = np.asarray(log_prob, dtype=np.float64)
+    columns = {
+        "id": np.asarray(ids, dtype=np.int64),
+        "source": list(sources),
+        "row": pa.array(rows, type=pa.int64()),
+        "label": pa.array(labels, type=pa.int32()),
+        "log_prob": log_prob,
+        "bits_per_dim": -log_prob / (channels * height * width * math.log(2)),
+        "likely_class": pa.nulls(n, pa.int32()) if likely_class is None else np.asarray(likely_class, dtype=np.int32),
+        "nll_png": pa.nulls(n, pa.binary()) if nll_maps is None else [nll_png(m) for m in nll_maps],
+        "height": np.full(n, height, dtype=np.int32),
+        "width": np.full(n, width, dtype=np.int32),
+        "channels": np.full(n, channels, dtype=np.int32),
+        "dtype": [dtype] * n,
+        "checkpoint": [checkpoint] * n,
+        "model_sha256": [model_sha256] * n,
+        "created_at": [datetime.now(timezone.utc)] * n,
+    }
+    return pa.Table.from_pydict(columns, schema=SCORE_SCHEMA)

@@ -2,15 +2,17 @@
 learning-rate schedule and an exponential moving average (EMA) of the weights.
 
 Distribution is applied from outside through ``Runtime`` (nanoGPT/torchtitan style): the loop asks it
-to wrap the model (DDP), to sum metrics across workers, for a checkpoint to resume from, and to
-publish metrics and checkpoints. ``Runtime`` itself is the single-process, local-folder version;
+for the data, to wrap the model (DDP), to sum metrics across workers, for a checkpoint to resume from,
+and to publish metrics and checkpoints. ``Runtime`` itself is the single-process, local-folder version;
 ``jobs/train.py`` supplies the Ray Train one.
 
-Data is held in memory as uint8 (small datasets; on a GPU it lives in device memory) and sharded by
-index: each epoch a permutation seeded by (seed, epoch) is cut into global batches, and worker r
-takes slice r of every global batch. So the shards are disjoint, reshuffled per epoch, and the
-global batch (and so the learning rate) means the same at any worker count; resuming at step s
-replays the exact batch order from s.
+What a step computes does not depend on the number of workers. ``--batch-size`` is the global batch;
+each worker takes its share of it (shares differ by at most one image) and weights its summed loss by
+``workers / global batch``, so the gradient DDP averages is the one-worker gradient of the mean loss
+over the global batch. With the data in memory (``InMemoryBatches``) the batches are a function of
+(seed, epoch, step) alone: each epoch is a permutation seeded by (seed, epoch), cut into global batches,
+the last one short, so every image is trained on once per epoch. A run that changes its worker count
+(elastic training, or a resume on another cluster) therefore continues exactly as if it had not.
 
 Resuming is exact: the learning rate is a function of the step alone (``learning_rate``), dropout
 masks are drawn from a generator seeded by (seed, step, rank), and a checkpoint holds the raw
@@ -25,111 +27,141 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from .checkpoint import MODEL_FILE, checkpoint_dict, load_checkpoint, save_checkpoint, write_atomically
-from .data import DATASET_SHAPES, ImageData, load_dataset
-from .likelihood import bits_per_dim, loss_per_dim, model_logits, nll_per_image
+from .checkpoint import MODEL_FILE, checkpoint_dict, load_checkpoint, save_checkpoint
+from .data import DATASET_SHAPES, DATASETS, ImageData, load_dataset
+from .figures import grid_png, metrics_png
+from .files import write_atomically
+from .images import ImageOptions
+from .likelihood import bits_per_dim, model_logits, nll_per_image
 from .models import NORMS, GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
+from .options import flag_name, option
 from .sampling import sample
-from .schema import grid_png
+from .sampling.streams import check_seed, derive_seed
 
 MODELS = {"pixelcnn": (PixelCNN, PixelCNNConfig), "gated": (GatedPixelCNN, GatedPixelCNNConfig)}
 AMP_MODES = ("off", "bf16")
 SCHEDULES = ("constant", "cosine")
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """``--image-size`` H or HxW."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"--image-size must be H or HxW, got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--image-size must be H or HxW, got {text!r}")
+    return (parts[0], parts[-1])
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    download: bool = False
-    subset: int | None = None  # first N training images
-    test_subset: int | None = None  # first N test images (None: the whole test set)
+    dataset: str = option("mnist", "mnist, fashion_mnist, cifar10 (torchvision), synthetic (tiny, for tests), or "
+                          "a folder, Parquet file/folder/glob of your own images, local or s3://", identity=True,
+                          group="data")
+    data_dir: str = option("./data", "torchvision root holding e.g. MNIST/raw (on every node)", group="data")
+    download: bool = option(False, "let torchvision download missing data", group="data")
+    subset: int | None = option(None, "train on the first N training images only", identity=True, group="data")
+    test_subset: int | None = option(None, "evaluate on the first N test images only (default: all)", group="data")
+    test_dataset: str | None = option(None, "your own images: a separate test set (default: a --test-fraction of "
+                                      "--dataset)", identity=True, group="data")
+    test_fraction: float = option(0.05, "your own images: the share held out for testing, chosen by a hash of each "
+                                  "image's path or row, so it never changes", identity=True, group="data")
+    image_size: tuple[int, int] | None = option(None, "your own images: resize (Lanczos) and centre-crop to H or "
+                                                "HxW (default: they must share one size)", identity=True,
+                                                parse=image_size, metavar="H[xW]", group="data")
+    channels: int | None = option(None, "your own images: convert to 1 (L) or 3 (RGB) channels (default: they must "
+                                  "share one mode, L or RGB)", identity=True, choices=(1, 3), group="data")
+    image_column: str | None = option(None, "Parquet: the column of encoded images (default: image_png, else image)",
+                                      identity=True, group="data")
+    label_column: str | None = option(None, "Parquet: the integer label column (default: label, if there is one)",
+                                      identity=True, group="data")
+    skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of "
+                                   "refusing the dataset", group="data")
     # model
     # "pixelcnn" stays the default so that existing runs and their names keep their meaning; "gated"
     # (no blind spot) is the one to train for quality.
-    model: str = "pixelcnn"
-    hidden: int = 128  # pixelcnn: blocks map 2h -> h -> h -> 2h; gated: channels of each stack
-    blocks: int = 15  # pixelcnn only
-    norm: str = "none"  # pixelcnn only
+    model: str = option("pixelcnn", "architecture", identity=True, choices=tuple(sorted(MODELS)), group="model")
+    hidden: int = option(128, "h: pixelcnn blocks map 2h -> h -> h -> 2h; gated: channels of each stack",
+                         identity=True, group="model")
+    blocks: int = option(15, "pixelcnn: number of residual blocks", identity=True, group="model")
+    norm: str = option("none", "pixelcnn: normalisation in blocks (batch leaks the future in training)",
+                       identity=True, choices=NORMS, group="model")
     # gated only. 12 layers of 5-wide kernels reach 27 rows up and 26 columns to either side: in a 28x28
-    # image every earlier pixel but those 27 columns away (a pixel in the first column does not see the
-    # last column above it, and the reverse), which MNIST's blank border makes no loss. With hidden=128
-    # that is 8.5M weights (2.2M at 64, the model's own default): the GPU recipe spends them, as EMA and
-    # the reported test figure guard against overfitting; on a CPU pass a smaller --hidden.
-    layers: int = 12
-    kernel_size: int = 5
-    # gated only. Off by default: a regulariser to turn on if test NLL rises while train NLL falls
-    # (many epochs, small datasets); for a few epochs of MNIST it would only slow the fit.
-    dropout: float = 0.0
-    conditional: bool = False
+    # image every earlier pixel but those 27 columns away, which MNIST's blank border makes no loss. With
+    # hidden=128 that is 8.5M weights: the GPU recipe spends them; on a CPU pass a smaller --hidden.
+    layers: int = option(12, "gated: number of gated layers", identity=True, group="model")
+    kernel_size: int = option(5, "gated: odd k; vertical kernels (k//2+1) x k, horizontal 1 x (k//2+1)",
+                              identity=True, group="model")
+    # gated only. Off by default: a regulariser to turn on if test NLL rises while train NLL falls.
+    dropout: float = option(0.0, "gated: dropout rate on the gated features in training", group="model")
+    conditional: bool = option(False, "condition on the dataset's class labels", identity=True, group="model")
     # optimisation
-    epochs: int = 1
+    epochs: int = option(1, "passes over the training data", group="optimisation")
     # Stop after this many optimizer steps in total. It does not change the schedule (its horizon is
     # epochs x steps per epoch), so a run stopped early and resumed follows the same one.
-    max_steps: int | None = None
-    batch_size: int = 128  # global: split evenly across workers
-    lr: float = 1e-3  # peak learning rate (after warm-up)
+    max_steps: int | None = option(None, "stop after this many optimizer steps in total (the schedule still spans "
+                                   "--epochs)", group="optimisation")
+    batch_size: int = option(128, "global batch, shared out across workers (shares differ by at most one image)",
+                             identity=True, group="optimisation")
+    lr: float = option(1e-3, "AdamW peak learning rate (for the global batch)", group="optimisation")
     # Cosine annealing to ~0 at the last step: for a fixed budget of steps it usually ends at a lower
-    # loss than a constant rate, as the last, small steps average out the gradient noise, and it has
-    # no decay factor to tune. "constant" applies lr_decay per epoch.
-    schedule: str = "cosine"
+    # loss than a constant rate, and it has no decay factor to tune.
+    schedule: str = option("cosine", "cosine: anneal to ~0 at the last step of --epochs; constant: apply --lr-decay "
+                           "per epoch", choices=SCHEDULES, group="optimisation")
     # A short linear warm-up: Adam's first steps are taken on noisy second-moment estimates and can
-    # be large enough to saturate the gates (tanh, sigmoid) of a fresh gated model. 100 steps are
-    # well under 1% of a multi-epoch GPU run.
-    warmup_steps: int = 100
-    lr_decay: float = 1.0  # --schedule constant: multiply the learning rate by this after every epoch
-    # AdamW's decoupled decay. Off by default, like dropout: a regulariser for when the test NLL
-    # starts to rise, not a free gain in likelihood.
-    weight_decay: float = 0.0
-    # Decay of the exponential moving average of the weights that is evaluated, sampled and saved as
-    # the model (0: off). Averaging the last ~1/(1 - ema) steps smooths out Adam's step-to-step noise
-    # (PixelCNN++ evaluates such an average too); 0.999 spans ~2 MNIST epochs at batch 128. Both
-    # figures are reported (test_bits_per_dim, test_bits_per_dim_raw), so the gain is measured.
-    ema: float = 0.999
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    seed: int = 0
-    amp: str = "off"  # "bf16": autocast on GPU
-    compile: bool = False
+    # saturate the gates (tanh, sigmoid) of a fresh gated model.
+    warmup_steps: int = option(100, "linear learning-rate warm-up over the first N steps", group="optimisation")
+    lr_decay: float = option(1.0, "--schedule constant: multiply the learning rate by this every epoch",
+                             group="optimisation")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", group="optimisation")
+    # Averaging the last ~1/(1 - ema) steps smooths out Adam's step-to-step noise (PixelCNN++ evaluates
+    # such an average too); both test figures are reported, so the gain is measured.
+    ema: float = option(0.999, "decay of the weights' moving average that is evaluated and saved as the model "
+                        "(0: off)", group="optimisation")
+    grad_clip: float = option(1.0, "max gradient norm (0: off)", group="optimisation")
+    seed: int = option(0, "weights init, data order and sample grids", identity=True, group="optimisation")
+    amp: str = option("off", "bf16 autocast (for GPUs)", choices=AMP_MODES, group="optimisation")
+    compile: bool = option(False, "torch.compile the model (after DDP wrapping)", group="optimisation")
     # reporting
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
-    log_every: int = 20
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: per epoch only)", group="reporting")
+    log_every: int = option(20, "print a progress line every N steps", group="reporting")
     eval_batch_size: int = 256
-    grid_samples: int = 16  # images in the per-epoch sample grid; 0 disables
+    grid_samples: int = option(16, "images in each epoch's sample grid (0: none)", group="reporting")
+    # Set by the job's driver once it has read your own images (not flags): what the data is.
+    dataset_fingerprint: str | None = None  # a hash of the listing: names and sizes, or Parquet row counts
+    dataset_shape: tuple[int, int, int] | None = None  # (C, H, W)
+    dataset_classes: int = 0  # classes of the labels (0: none)
+    dataset_train_images: int = 0  # images in the training split
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # NaN would pass every check below
-                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        if self.model not in MODELS:
-            raise ValueError(f"--model must be one of {sorted(MODELS)}, got {self.model!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("epochs", "batch_size", "hidden", "layers", "log_every", "eval_batch_size"):
+                raise ValueError(f"{flag_name(f.name)} must be a finite number, got {value}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{flag_name(f.name)} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {getattr(self, f.name)!r}")
+        for name in ("epochs", "batch_size", "log_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.lr_decay <= 0:
             raise ValueError(f"--lr-decay must be > 0, got {self.lr_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
-        if self.blocks < 0:
-            raise ValueError(f"--blocks must be >= 0, got {self.blocks}")
-        if self.norm not in NORMS:
-            raise ValueError(f"--norm must be one of {NORMS}, got {self.norm!r}")
-        if self.kernel_size < 3 or self.kernel_size % 2 != 1:
-            raise ValueError(f"--kernel-size must be odd and >= 3, got {self.kernel_size}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.dropout and self.model != "gated":
             raise ValueError("--dropout applies to --model gated only")
         if not 0 <= self.ema < 1:
@@ -138,29 +170,53 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
         if self.schedule == "cosine" and self.lr_decay != 1.0:
             raise ValueError("--lr-decay applies to --schedule constant only")
-        for name in ("subset", "test_subset"):
+        for name in ("subset", "test_subset", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.subset is not None and self.subset < self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} exceeds --subset {self.subset}: not one full batch to train on")
         for name in ("grid_samples", "checkpoint_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if abs(self.seed) >= 2**32:  # the per-epoch and per-step seeds derived from it must fit torch's 64 bits
-            raise ValueError(f"--seed must be between -{2**32 - 1} and {2**32 - 1}, got {self.seed}")
+                raise ValueError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
+        check_seed(self.seed, "--seed")
+        if self.image_size is not None:
+            self.image_size = tuple(int(s) for s in self.image_size)
+        if self.dataset_shape is not None:
+            self.dataset_shape = tuple(int(s) for s in self.dataset_shape)
+        if self.own_images:
+            self.image_options()  # its own checks (sizes, channels, fraction)
+        elif any(getattr(self, name) for name in ("test_dataset", "image_size", "channels", "image_column",
+                                                  "label_column", "skip_bad_images")):
+            raise ValueError("--test-dataset, --image-size, --channels, --image-column, --label-column and "
+                             "--skip-bad-images apply to your own images, not to a torchvision dataset")
+        # The model's own checks (kernel size, depth, ...), named by their flags: the model config owns them.
+        try:  # both models' flags, whichever model is trained
+            for model in MODELS:
+                self.model_config(shape=(1, 1, 1), classes=0, model=model)
+        except ValueError as error:
+            names = "|".join(f.name for f in fields(self))
+            raise ValueError(re.sub(rf"\b({names})\b", lambda m: flag_name(m.group(1)), str(error))) from None
 
-    def model_config(self, data: ImageData | None = None):
-        """The model's config for this run's dataset (shape from the data or the dataset table)."""
-        channels, height, width, classes = DATASET_SHAPES[self.dataset]
-        if data is not None:
-            (channels, height, width), classes = data.shape, data.num_classes
-        common = dict(
-            in_channels=channels, image_size=(height, width), hidden=self.hidden,
-            num_classes=classes if self.conditional else 0,
-        )
-        if self.model == "gated":
+    @property
+    def own_images(self) -> bool:
+        return self.dataset not in DATASETS
+
+    def image_options(self, *, test_fraction: float | None = None) -> ImageOptions:
+        return ImageOptions(image_size=self.image_size, channels=self.channels, image_column=self.image_column,
+                            label_column=self.label_column, skip_bad_images=self.skip_bad_images,
+                            test_fraction=self.test_fraction if test_fraction is None else test_fraction)
+
+    def model_config(self, shape: tuple[int, int, int] | None = None, classes: int | None = None, model=None):
+        """The model's config for this run's data: its (C, H, W) and classes, from the arguments, what the
+        driver recorded, or torchvision's table (``model``: another model's, for checking its flags)."""
+        if shape is None:
+            shape = self.dataset_shape or DATASET_SHAPES[self.dataset][:3]
+        if classes is None:
+            classes = self.dataset_classes if self.own_images else DATASET_SHAPES[self.dataset][3]
+        channels, height, width = shape
+        common = dict(in_channels=channels, image_size=(height, width), hidden=self.hidden,
+                      num_classes=classes if self.conditional else 0)
+        if (model or self.model) == "gated":
             return GatedPixelCNNConfig(**common, layers=self.layers, kernel_size=self.kernel_size, dropout=self.dropout)
         return PixelCNNConfig(**common, blocks=self.blocks, norm=self.norm)
 
@@ -173,8 +229,60 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def load_split(cfg: TrainConfig, train: bool, **kwargs) -> ImageData:
+    """The training or test split of ``cfg``'s data, in memory (``kwargs``: e.g. a filesystem)."""
+    if cfg.own_images and not train and cfg.test_dataset:
+        return load_dataset(cfg.test_dataset, train=True, subset=cfg.test_subset, **kwargs,
+                            **asdict(cfg.image_options(test_fraction=0)))
+    if cfg.own_images:
+        options = cfg.image_options(test_fraction=0 if cfg.test_dataset else None)
+        return load_dataset(cfg.dataset, train=train, subset=cfg.subset if train else cfg.test_subset, **kwargs,
+                            **asdict(options))
+    return load_dataset(cfg.dataset, cfg.data_dir, train=train, subset=cfg.subset if train else cfg.test_subset,
+                        download=cfg.download)
+
+
+# --- the data, as batches ------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    levels: torch.Tensor  # uint8 [n, C, H, W]: this worker's share of the global batch
+    labels: torch.Tensor  # int64 [n]
+    total: int  # images in the global batch (every worker's shares together)
+
+
+class InMemoryBatches:
+    """Exact batches from data held in memory: a function of (seed, epoch, step) and the worker's rank.
+
+    Epoch e is a permutation seeded by (seed, e), cut into global batches of ``batch_size``, the last one
+    short (so each image is trained on once per epoch); worker r of w takes images ``r n // w`` to
+    ``(r + 1) n // w`` of each global batch of n.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, seed: int, rank: int, world_size: int, device):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        # Small datasets live on the device: no loader, no host->device copies in the loop.
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.steps_per_epoch = math.ceil(len(data) / batch_size)
+        self.shape, self.num_classes = data.shape, data.num_classes
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(derive_seed(self.seed, 1, epoch)))
+        order = order.to(self.images.device)
+        for step in range(start, self.steps_per_epoch):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            n = len(batch)
+            share = batch[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+            yield Batch(self.images[share], self.labels[share], n)
+
+
+# --- the runtime ---------------------------------------------------------------------------------
+
+
 class Runtime:
-    """Single process, one device, artefacts in a local run folder. Subclass for distribution."""
+    """Single process, one device, data in memory, artefacts in a local run folder. Subclass for
+    distribution (``jobs/train.py``)."""
 
     rank = 0
     world_size = 1
@@ -183,6 +291,13 @@ class Runtime:
         self.run_dir = run_dir
         self.device = torch.device(device)
         self.log = log
+
+    def load_data(self, cfg: TrainConfig):
+        """(training batches, test data in memory)."""
+        train_data, test_data = load_split(cfg, train=True), load_split(cfg, train=False)
+        batches = InMemoryBatches(train_data, cfg.batch_size, cfg.seed, self.rank, self.world_size, self.device)
+        batches.num_classes = max(train_data.num_classes, test_data.num_classes)  # own images: labels seen in either
+        return batches, test_data
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -196,16 +311,19 @@ class Runtime:
         return load_checkpoint(path) if os.path.exists(path) else None
 
     def publish(self, metrics: dict, checkpoint: dict | None, files: dict[str, bytes]) -> None:
-        """Rank 0's report (``checkpoint`` holds the metrics so far in its history): extra files such as
-        sample grid PNGs, ``metrics.jsonl`` and the model, each written whole. ``metrics.jsonl`` is
-        rewritten from the history, so a run resumed from its last checkpoint never lists a report twice."""
+        """Rank 0's report: ``files`` (metrics.jsonl, metrics.png, sample grids), then the model, each
+        written whole; the model last, so a crash between them leaves files a resume rewrites."""
         if checkpoint is None:
             return
         for name, data in files.items():
-            write_atomically(os.path.join(self.run_dir, name), lambda f: f.write(data))
-        history = "".join(json.dumps(m) + "\n" for m in checkpoint["training"]["history"]).encode()
-        write_atomically(os.path.join(self.run_dir, "metrics.jsonl"), lambda f: f.write(history))
+            write_atomically(os.path.join(self.run_dir, name), data)
         save_checkpoint(os.path.join(self.run_dir, MODEL_FILE), checkpoint)
+
+
+def report_files(history: list[dict]) -> dict[str, bytes]:
+    """The run folder's record of a run: ``metrics.jsonl`` (one line per report, rewritten from the
+    checkpoint's history, so a resumed run never lists a report twice) and ``metrics.png``."""
+    return {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in history).encode(), "metrics.png": metrics_png(history)}
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -252,23 +370,19 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     """Train (or resume) per ``cfg``; returns the final metrics (with ``test_bits_per_dim``)."""
     log = runtime.log if runtime.rank == 0 else (lambda *a, **k: None)
     device = runtime.device
-    train_data = load_dataset(cfg.dataset, cfg.data_dir, train=True, subset=cfg.subset, download=cfg.download)
-    test_data = load_dataset(cfg.dataset, cfg.data_dir, train=False, subset=cfg.test_subset, download=cfg.download)
-    if cfg.batch_size % runtime.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {runtime.world_size} workers")
-    steps_per_epoch = len(train_data) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(train_data)} training images")
+    batches, test_data = runtime.load_data(cfg)
+    if cfg.conditional and not batches.num_classes:
+        raise ValueError(f"--conditional needs labels, and {cfg.dataset} has none")
+    steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model_class, _ = MODELS[cfg.model]
-    model = model_class(cfg.model_config(train_data)).to(device)
+    model = model_class(cfg.model_config(batches.shape, batches.num_classes)).to(device)
     # One parameter group, every tensor decayed alike (the masked-out kernel entries get no gradient,
-    # so decay only shrinks values that are multiplied by zero anyway): checkpoints of any run, with or
-    # without decay, resume into it.
+    # so decay only shrinks values that are multiplied by zero anyway).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history = 0, []
     state = runtime.resume_state()
@@ -280,10 +394,10 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
         optimizer.load_state_dict(training["optimizer"])
         for group in optimizer.param_groups:
             # The stored hyperparameters are the writing run's; this run's flags win (a changed
-            # --weight-decay, or a checkpoint of the earlier plain-Adam loop). lr is set every step.
+            # --weight-decay, say). lr is set every step.
             group.update(optimizer.defaults)
         step, history = state["step"], list(training["history"])
-        log(f"resuming from step {step}")
+        log(f"resuming from step {step} with {runtime.world_size} worker{'s' * (runtime.world_size > 1)}")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = None
@@ -299,44 +413,47 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
     )
-    # Small datasets live on the device: no loader, no host->device copies in the loop.
-    images = train_data.images.to(device)
-    labels = train_data.labels.to(device)
-    local_batch = cfg.batch_size // runtime.world_size
+    dims = math.prod(test_data.shape)
 
     def report_metrics(window: list, final: bool) -> dict:
-        test_bpd = _evaluate_sharded(final_model, test_data, cfg, runtime, autocast)
+        test_bpd = evaluate_sharded(final_model, test_data, cfg.eval_batch_size, runtime, autocast)
         metrics = {
-            "step": step, "epoch": step // steps_per_epoch,
+            "step": step, "epoch": step // steps_per_epoch, "world_size": runtime.world_size,
             "lr": optimizer.param_groups[0]["lr"],
-            **_reduce_window(window, runtime),
+            **_reduce_window(window, runtime, dims),
             "test_bits_per_dim": test_bpd,
-            "test_bits_per_dim_raw": _evaluate_sharded(model, test_data, cfg, runtime, autocast) if ema else test_bpd,
+            "test_bits_per_dim_raw": evaluate_sharded(model, test_data, cfg.eval_batch_size, runtime, autocast)
+            if ema else test_bpd,
         }
         if final:
             metrics["done"] = True
         return metrics
 
-    window: list[tuple[float, int, float]] = []  # (loss sum, images, seconds) since the last report
+    window: list[tuple[float, int, float]] = []  # (loss sum in nats, images, seconds) since the last report
+    progress = Progress(total_steps, runtime.world_size, log)
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        order = order.to(device)
         epoch_end = min((epoch + 1) * steps_per_epoch, total_steps)
-        while step < epoch_end:
+        for levels, batch_labels, total in batches.epoch(epoch, offset):
+            if step >= epoch_end:
+                break
             started = time.perf_counter()
-            batch = order[(step % steps_per_epoch) * cfg.batch_size:][: cfg.batch_size]
-            batch = batch[runtime.rank * local_batch:(runtime.rank + 1) * local_batch]
-            levels, batch_labels = images[batch], labels[batch]
             if cfg.dropout:
                 # Masks from (seed, step, rank), not from whatever the global generator went through
                 # before: a resumed run draws the same masks as one that never stopped.
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + runtime.rank)
+                torch.manual_seed(derive_seed(cfg.seed, 2, step, runtime.rank))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, steps_per_epoch)
+            count = len(levels)
+            if not count:  # a share of no images (a short last batch): a zero-weighted step keeps DDP in step
+                levels, batch_labels = torch.zeros_like(test_data.images[:1]).to(device), torch.zeros(1, dtype=torch.long, device=device)
             with autocast:
-                loss = loss_per_dim(model_logits(train_model, levels, batch_labels), levels)
+                nll = F.cross_entropy(model_logits(train_model, levels, batch_labels).float(), levels.long(),
+                                      reduction="sum") * (count > 0)
+            # DDP averages gradients over workers: weighting by workers / global batch makes the average
+            # the gradient of the mean loss over the global batch, whatever the shares.
+            loss = nll * (runtime.world_size / (total * dims))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -345,25 +462,19 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             step += 1
             if ema is not None:
                 ema.update(model, step)
-            window.append((float(loss.detach()) * len(batch), len(batch), time.perf_counter() - started))
+            window.append((float(nll.detach()), count, time.perf_counter() - started))
             if step % cfg.log_every == 0 or step == epoch_end:
-                recent = window[-cfg.log_every:]
-                log(
-                    f"epoch {epoch + 1} step {step}/{total_steps} "
-                    f"loss {sum(w[0] for w in recent) / sum(w[1] for w in recent) / math.log(2):.4f} bits/dim "
-                    f"{sum(w[1] for w in recent) * runtime.world_size / sum(w[2] for w in recent):.1f} images/s",
-                    flush=True,
-                )
+                progress.line(step, epoch, steps_per_epoch, window[-cfg.log_every:], dims)
             at_epoch_end = step == epoch_end
             if at_epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 metrics = report_metrics(window, step == total_steps)
                 window = []
                 history.append(metrics)
-                files = {}
-                if at_epoch_end and cfg.grid_samples and runtime.rank == 0:
-                    files[f"samples_epoch_{epoch + 1:03d}.png"] = sample_grid_png(final_model, cfg.grid_samples, cfg.seed)
-                checkpoint = None
+                files, checkpoint = {}, None
                 if runtime.rank == 0:
+                    if at_epoch_end and cfg.grid_samples:
+                        files[f"samples_epoch_{epoch + 1:03d}.png"] = sample_grid_png(final_model, cfg.grid_samples, cfg.seed)
+                    files.update(report_files(history))
                     training = {"optimizer": optimizer.state_dict(), "history": history, "config": cfg.to_dict()}
                     if ema is not None:
                         training["raw_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -371,11 +482,41 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
                         final_model, step=step, epoch=step // steps_per_epoch, dataset=cfg.dataset, training=training,
                     )
                 runtime.publish(metrics, checkpoint, files)
-                log(json.dumps(metrics), flush=True)
+                log(progress.report(metrics), flush=True)
+        if step < epoch_end:  # a stream that ran dry early (it cannot for data in memory)
+            raise RuntimeError(f"the training data of epoch {epoch + 1} ended at step {step}, before {epoch_end}")
     return history[-1] if history else {"step": step, "done": True}
 
 
-def _reduce_window(window: list, runtime: Runtime) -> dict:
+class Progress:
+    """What rank 0 prints: a progress line every ``--log-every`` steps and one line per report."""
+
+    def __init__(self, total_steps: int, world_size: int, log):
+        self.total_steps, self.world_size, self.log = total_steps, world_size, log
+
+    def line(self, step: int, epoch: int, steps_per_epoch: int, recent: list, dims: int) -> None:
+        loss = sum(w[0] for w in recent) / max(1, sum(w[1] for w in recent)) / dims / math.log(2)
+        seconds = sum(w[2] for w in recent) / len(recent)
+        eta = (self.total_steps - step) * seconds
+        self.log(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) epoch {epoch + 1} | loss "
+                 f"{loss:.4f} bits/dim (this worker) | {sum(w[1] for w in recent) * self.world_size / max(1e-9, sum(w[2] for w in recent)):.1f} "
+                 f"images/s | ETA {_duration(eta)}", flush=True)
+
+    @staticmethod
+    def report(metrics: dict) -> str:
+        train = metrics.get("train_bits_per_dim")
+        return (f"report at step {metrics['step']}: train {train:.4f}, test {metrics['test_bits_per_dim']:.4f} bits/dim"
+                if train is not None else f"report at step {metrics['step']}: test {metrics['test_bits_per_dim']:.4f} bits/dim") + \
+            (" (done)" if metrics.get("done") else "") + " " + json.dumps(metrics)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _reduce_window(window: list, runtime: Runtime, dims: int) -> dict:
     """Training loss (bits/dim) and throughput since the last report, summed over all workers."""
     totals = torch.tensor(
         [sum(w[0] for w in window), sum(w[1] for w in window), sum(w[2] for w in window)], dtype=torch.float64,
@@ -385,21 +526,21 @@ def _reduce_window(window: list, runtime: Runtime) -> dict:
     if not count:
         return {}
     return {
-        "train_bits_per_dim": loss_sum / count / math.log(2),
+        "train_bits_per_dim": loss_sum / (count * dims) / math.log(2),
         # each worker's seconds overlap: images/s = images / (mean seconds per worker)
         "images_per_s": count / (seconds / runtime.world_size),
     }
 
 
 @torch.no_grad()
-def _evaluate_sharded(model, data: ImageData, cfg: TrainConfig, runtime: Runtime, autocast) -> float:
+def evaluate_sharded(model, data: ImageData, batch_size: int, runtime: Runtime, autocast=contextlib.nullcontext()) -> float:
     """Exact test bits/dim: every worker sums NLL over its share of the test set, then all-reduce."""
     was_training = model.training
     model.eval()
     indices = torch.arange(runtime.rank, len(data), runtime.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    for start in range(0, len(indices), cfg.eval_batch_size):
-        batch = indices[start:start + cfg.eval_batch_size]
+    for start in range(0, len(indices), batch_size):
+        batch = indices[start:start + batch_size]
         levels = data.images[batch].to(runtime.device)
         with autocast:
             logits = model_logits(model, levels, data.labels[batch].to(runtime.device))
@@ -411,6 +552,6 @@ def _evaluate_sharded(model, data: ImageData, cfg: TrainConfig, runtime: Runtime
 
 
 def sample_grid_png(model, count: int, seed: int) -> bytes:
-    """A PNG grid of ``count`` samples (conditional models: classes in turn)."""
+    """A PNG grid of ``count`` samples (conditional models: classes in turn), 4x enlarged."""
     labels = torch.arange(count) % model.config.num_classes if model.config.num_classes else None
     return grid_png(sample(model, count, seed=seed, labels=labels, batch_size=count).images)

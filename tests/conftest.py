@@ -156,6 +156,8 @@ def ray_cluster(s3):
         os.path.join(os.path.dirname(PYTHON), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
         f"--temp-dir={temp_dir}", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
+        # Ports of their own: Ray's fixed defaults would collide with another cluster on this machine.
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     info = type("Cluster", (), {

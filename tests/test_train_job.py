@@ -202,8 +202,9 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
     ("--batch-siz", 64, "unrecognized arguments: --batch-siz"),  # a prefix is not taken for --batch-size
     ("--name", "../elsewhere", "--name must be one folder name"),  # the run would land outside --storage
     ("--name", "..", "--name must be one folder name"),
-    ("--seed", 2**32, "--seed must be between"),  # derived seeds would overflow inside the workers
-    ("--seed", -2**32, "--seed must be between"),
+    ("--seed", 2**63, "--seed must be a 64-bit integer"),  # the one bound of every seed
+    ("--seed", -2**63 - 1, "--seed must be a 64-bit integer"),
+    ("--min-workers", 2, "--min-workers must be between 1 and --num-workers 1"),
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them, in one line (no usage dump)."""

@@ -13,6 +13,8 @@ from conftest import REPO
 from pixelcnn import CheckpointError, GatedPixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import load_checkpoint
 from pixelcnn.likelihood import loss_per_dim, model_logits
+from pixelcnn.options import identity_fields
+from pixelcnn.sampling.streams import derive_seed
 from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
 
 if str(REPO) not in sys.path:
@@ -69,7 +71,7 @@ def test_reported_train_loss_is_the_mean_cross_entropy_in_bits(tmp_path):
     final, _, _ = run(tmp_path, "loss", ema=0.0, max_steps=1)
     config = TrainConfig(**TINY)
     data = load_dataset("synthetic", None, train=True, subset=TINY["subset"])
-    batch = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100003))[:config.batch_size]
+    batch = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(config.seed, 1, 0)))[:config.batch_size]
     torch.manual_seed(config.seed)
     model = GatedPixelCNN(config.model_config())
     with torch.no_grad():
@@ -100,7 +102,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     _, stopped, _ = run(tmp_path, "resumed", max_steps=5, **recipe)
     assert stopped["step"] == 5
     final, resumed, lines = run(tmp_path, "resumed", max_steps=10, **recipe)
-    assert "resuming from step 5" in lines
+    assert "resuming from step 5 with 1 worker" in lines
     once_final, once, _ = run(tmp_path, "once", max_steps=10, **recipe)
     assert resumed["step"] == once["step"] == 10
     for name in ("model_state",):
@@ -130,7 +132,7 @@ def test_a_resumed_run_folder_lists_each_report_once(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [m["step"] for m in ckpt["training"]["history"]] == [4, 5, 8, 10]
     assert ckpt["epoch"] == 2 and ckpt["step"] == 10  # whole epochs done, as the metrics count them
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "model.pt"]  # no temporaries
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "metrics.png", "model.pt"]  # no temporaries
     (tmp_path / "run" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is corrupt or not a PixelCNN checkpoint") as info:
         run(tmp_path, "run", max_steps=12)
@@ -179,7 +181,7 @@ def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
     ({"warmup_steps": -1}, "--warmup-steps"), ({"layers": 0}, "--layers"), ({"grad_clip": -1.0}, "--grad-clip"),
     ({"schedule": "constant", "lr_decay": 0.0}, "--lr-decay must be > 0"), ({"blocks": -1}, "--blocks"),
     ({"norm": "layer"}, "--norm"), ({"lr": math.nan}, "--lr must be a finite number"),
-    ({"weight_decay": math.inf}, "--weight-decay must be a finite number"), ({"seed": 2**32}, "--seed must be between"),
+    ({"weight_decay": math.inf}, "--weight-decay must be a finite number"), ({"seed": 2**63}, "--seed must be a 64-bit integer"),
 ])
 def test_bad_recipe_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -190,18 +192,20 @@ def test_bad_recipe_values_are_one_line_errors(bad, match):
 def test_job_flags_map_onto_the_config(capsys):
     from jobs import train as job
 
-    cfg, args = job.parse_args([
+    cfg, run = job.parse_args([
         "--model", "gated", "--hidden", "32", "--layers", "7", "--kernel-size", "3", "--dropout", "0.2",
         "--ema", "0.995", "--schedule", "constant", "--warmup-steps", "50", "--lr-decay", "0.9",
         "--weight-decay", "0.01", "--dataset", "synthetic",
     ])
     assert (cfg.model, cfg.hidden, cfg.layers, cfg.kernel_size, cfg.dropout) == ("gated", 32, 7, 3, 0.2)
     assert (cfg.ema, cfg.schedule, cfg.warmup_steps, cfg.lr_decay, cfg.weight_decay) == (0.995, "constant", 50, 0.9, 0.01)
-    assert args.name == "synthetic-gated-h32-l7-k3"
+    assert run.name == "synthetic-gated-h32-l7-k3"
     assert isinstance(GatedPixelCNN(cfg.model_config()), GatedPixelCNN)
-    assert {"layers", "kernel_size"} <= set(job.RUN_IDENTITY)
-    defaults, _ = job.parse_args([])
+    assert {"layers", "kernel_size", "dataset", "batch_size", "seed"} <= set(identity_fields(TrainConfig))
+    assert not {"epochs", "lr", "max_steps"} & set(identity_fields(TrainConfig))
+    defaults, job_defaults = job.parse_args([])
     assert defaults == TrainConfig(data_dir=defaults.data_dir)  # flag defaults are TrainConfig's
+    assert job_defaults == job.TrainJob(name=job_defaults.name)  # ... and the job's own, TrainJob's
     with pytest.raises(SystemExit):
         job.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -18,9 +18,10 @@ SEED_RANGE = (-2**63, 2**63)  # the streams hash the seed as a 64-bit integer
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def check_seed(seed: int) -> None:
+def check_seed(seed: int, name: str = "seed") -> None:
+    """The one bound on seeds, for the library and every job (``name``: how the caller calls it)."""
     if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-        raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**63 - 1), got {seed}")
+        raise ValueError(f"{name} must be a 64-bit integer (-2**63 to 2**63 - 1), got {seed}")
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:

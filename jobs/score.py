@@ -1,0 +1,446 @@
+"""Score images in bulk with Ray Data: the exact log-likelihood of every image of a dataset, as Parquet.
+
+    ray job submit --working-dir . -- python jobs/score.py --checkpoint s3://bucket/runs/mnist \\
+        --dataset s3://bucket/my-images --output s3://bucket/scores/my-images --num-actors 4 --gpus-per-actor 1
+
+The pipeline (its Ray touchpoints read top-down in ``run_pipeline``):
+
+    shards of missing ids --from_items--> map_batches(read, CPU tasks) --> map_batches(ScoreShards, actors)
+        --> map_batches(encode_rows, CPU tasks) --> AtomicParquetSink
+
+The images of the dataset are numbered 0..N-1 (``pixelcnn/images.py``: files sorted by path, rows in
+file order). CPU tasks read and decode a shard of --rows-per-file ids, an actor runs the model's
+teacher-forced forward pass over it in batches of --batch-size, and CPU tasks build its rows, one Parquet
+file per shard, written exactly once and resumed where it stopped, as generate.py's (``jobs/outputs.py``).
+docs/scoring.md has the whole story.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import numpy as np  # noqa: E402
+import pyarrow.dataset as pads  # noqa: E402
+import torch  # noqa: E402
+
+from jobs import outputs  # noqa: E402
+from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
+from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
+from jobs.datasets import READ_CPUS, find_source, scan  # noqa: E402
+from jobs.generate import read_checkpoint  # noqa: E402
+from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from pixelcnn.data import DATASETS, load_dataset  # noqa: E402
+from pixelcnn.errors import DataError  # noqa: E402
+from pixelcnn.figures import score_report_png  # noqa: E402
+from pixelcnn.images import ImageOptions, in_test_split, read_range  # noqa: E402
+from pixelcnn.likelihood import score  # noqa: E402
+from pixelcnn.options import flag_name, option  # noqa: E402
+from pixelcnn.schema import SCORE_SCHEMA, score_table  # noqa: E402
+
+REPORT = "_report.png"
+ENCODE_CPUS = 0.25
+WRITE_CPUS = 0.25
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    checkpoint: str = option(help="model: a run folder or checkpoint (folder or .pt), local or s3://")
+    dataset: str = option(help="images to score: mnist, fashion_mnist, cifar10 (torchvision), or a folder, Parquet "
+                          "file/folder/glob of your own images, local or s3://")
+    output: str = option(help="local folder or s3://bucket/prefix for the Parquet files")
+    split: str = option("all", "all images, or the train or test split (your own images: by --test-fraction's hash, "
+                        "as training takes them)", choices=("all", "train", "test"))
+    test_fraction: float = option(0.05, "your own images with --split train/test: the held-out share, as in training")
+    data_dir: str = option("./data", "torchvision root holding e.g. MNIST/raw")
+    download: bool = option(False, "let torchvision download missing data")
+    image_column: str | None = option(None, "Parquet: the column of encoded images (default: image_png, else image)")
+    label_column: str | None = option(None, "Parquet: the integer label column; conditional models are then scored "
+                                      "under each image's label")
+    use_labels: bool = option(False, "conditional models: score under each image's own label (class subfolder, "
+                              "torchvision target or Parquet label column) instead of marginalising over classes")
+    label_probs: str | None = option(None, "conditional models, marginalised: comma-separated class prior (default: "
+                                     "uniform)")
+    resize: bool = option(False, "resize (Lanczos, centre-crop) and convert images to the model's size and channels "
+                          "(default: images the model cannot take are refused)")
+    skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of refusing")
+    per_pixel: bool = option(False, "add nll_png, a heat map of each pixel's NLL (bits/dim, 0..255 for 0..16 bits)")
+    dtype: str = option("float32", "precision of the forward pass (recorded in the dtype column); float64 for exact "
+                        "figures, bfloat16 for speed on GPUs", choices=DTYPES)
+    batch_size: int | None = option(None, "images per forward pass on one actor (default: 1024 on GPU actors, else 256)")
+    rows_per_file: int = option(10000, "images per Parquet file (one actor task each); an output keeps the one it "
+                                "was started with")
+    num_actors: int = option(1, "scoring actors (at most one per shard left to write)")
+    gpus_per_actor: float = option(0.0, "GPUs per actor; 0 runs CPU actors")
+    cpus_per_actor: float | None = option(None, "CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, "
+                                          "leaving room for reading, encoding and writes)")
+    report: int = option(0, "also write _report.png: the N least and N most likely images with their bits/dim, and "
+                         "a histogram")
+    repair: bool = option(False, "delete part files that overlap others, then write what is missing")
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
+    wait_for_resources: bool = option(False, "wait for an autoscaler instead of failing when the cluster is too small")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 1024 if self.gpus_per_actor > 0 else 256)
+        for name in ("batch_size", "rows_per_file", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.gpus_per_actor < math.inf or self.report < 0:
+            raise ValueError("--gpus-per-actor and --report must be >= 0")
+        if self.cpus_per_actor is not None and not 0 < self.cpus_per_actor < math.inf:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.label_probs is not None and (self.use_labels or self.label_column):
+            raise ValueError("--label-probs is the prior of marginalised scores: not with --use-labels/--label-column")
+
+    @property
+    def own_images(self) -> bool:
+        return self.dataset not in DATASETS
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What an output holds: its identity fields must match for a rerun to write into it."""
+
+    checkpoint: str
+    dataset: str
+    model_sha256: str = option(identity=True, help="")
+    data_fingerprint: str = option(identity=True, help="")  # the listing: files, sizes, row counts
+    split: str = option(identity=True, help="")
+    test_fraction: float | None = option(identity=True, help="")
+    image_size: list[int] | None = option(identity=True, help="")
+    channels: int | None = option(identity=True, help="")
+    labels: str = option(identity=True, help="")  # "none", "own" or "marginal"
+    label_probs: list[float] | None = option(identity=True, help="")
+    per_pixel: bool = option(identity=True, help="")
+    dtype: str = option(identity=True, help="")
+    shape: list[int] = dataclasses.field(default_factory=list)  # (C, H, W) of the model
+    rows_per_file: int = 10000  # the layout: a rerun writes the files of the one the output was started with
+
+
+def main(argv=None) -> dict:
+    request = parse_args(argv)
+    with one_error_line("scoring"):
+        checkpoint_uri, checkpoint = read_checkpoint(request.checkpoint, request.s3_endpoint)
+        ckpt = load_checkpoint(checkpoint, name=checkpoint_uri)
+        model_from_checkpoint(ckpt, source=f"checkpoint {checkpoint_uri}")
+        output = open_storage(request.output, request.s3_endpoint)
+        check_bucket(output)  # reading only: a request refused below leaves the output as it was
+        classes = ckpt["model_config"].get("num_classes", 0)
+        labels = "none" if not classes else "own" if request.use_labels or request.label_column else "marginal"
+        manifest = Manifest(
+            checkpoint=checkpoint_uri, dataset=request.dataset, model_sha256=hashlib.sha256(checkpoint).hexdigest(),
+            data_fingerprint="", split=request.split,
+            test_fraction=request.test_fraction if request.split != "all" and request.own_images else None,
+            image_size=list(ckpt["data_shape"][1:]) if request.resize else None,
+            channels=ckpt["data_shape"][0] if request.resize else None, labels=labels,
+            label_probs=prior(request, classes) if labels == "marginal" else None, per_pixel=request.per_pixel,
+            dtype=request.dtype, shape=list(ckpt["data_shape"]), rows_per_file=request.rows_per_file,
+        )
+        init_ray(request.address)
+        source = open_source(request, manifest)  # lists and scans the images (Ray Data tasks), reading only
+        manifest = dataclasses.replace(manifest, data_fingerprint=source.fingerprint)
+        done = outputs.part_ranges(output)
+        stored = outputs.check_manifest(output, manifest, has_parts=bool(done))
+        if stored and stored.get("rows_per_file", manifest.rows_per_file) != manifest.rows_per_file:
+            print(f"{output.uri} was started with --rows-per-file {stored['rows_per_file']}: writing its files so", flush=True)
+            manifest = dataclasses.replace(manifest, rows_per_file=stored["rows_per_file"])
+        if request.repair:
+            done = outputs.repair(output, done)
+        outputs.check_ours(output, done)
+        shards = outputs.plan(len(source), done, manifest.rows_per_file)
+        todo = sum(end - start for start, end in shards)
+        started = time.perf_counter()
+        if todo:
+            run_pipeline(request, output, checkpoint, manifest, source, shards, bool(done))
+        seconds = time.perf_counter() - started
+        done = outputs.part_ranges(output)
+        bits = read_bits(output, done)
+        if request.report and (todo or output.read(REPORT) is None):
+            write_report(output, done, source, request.report)
+    summary = summarise(bits, todo, seconds, output, done, source)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def run_pipeline(request: ScoreRequest, output: Storage, checkpoint: bytes, manifest: Manifest, source, shards: list,
+                 has_parts: bool) -> None:
+    import ray
+
+    cpus = actor_cpus(request, len(shards))
+    check_writable(output)
+    with outputs.Lease(output, "score.py"):
+        outputs.claim(output, manifest, has_parts=has_parts)
+        items = [{"start": start, "end": end} for start, end in shards]
+        source_ref = ray.put(source)
+        # Ray touchpoints: CPU tasks read and decode one shard of images each ...
+        images = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_shard, batch_size=1, num_cpus=READ_CPUS, fn_kwargs={"source": source_ref},
+        )
+        # ... actors run the model's forward pass over it ...
+        scores = images.map_batches(
+            ScoreShards, batch_size=None, compute=ray.data.ActorPoolStrategy(size=min(request.num_actors, len(shards))),
+            num_gpus=request.gpus_per_actor, num_cpus=cpus,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "manifest": manifest, "batch_size": request.batch_size,
+                                   "gpu": request.gpus_per_actor > 0, "cpus": cpus},
+        )
+        # ... CPU tasks build its rows (and heat maps), and the sink writes them whole.
+        rows = scores.map_batches(encode_rows, batch_size=None, num_cpus=ENCODE_CPUS,
+                                  fn_kwargs={"manifest": manifest, "source": source_ref})
+        rows.write_datasink(outputs.make_sink(output, SCORE_SCHEMA), ray_remote_args={"num_cpus": WRITE_CPUS})
+
+
+def read_shard(batch: dict, source) -> dict:
+    import ray
+
+    source = ray.get(source) if isinstance(source, ray.ObjectRef) else source
+    return source.read(int(batch["start"][0]), int(batch["end"][0]))
+
+
+class ScoreShards:
+    """A Ray Data actor: loads the model once, then scores whole shards in batches."""
+
+    def __init__(self, checkpoint: bytes, manifest: Manifest, batch_size: int, gpu: bool, cpus: float):
+        self.device = torch.device("cuda" if gpu else "cpu")
+        if not gpu:
+            torch.set_num_threads(max(1, int(cpus)))
+        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device, getattr(torch, manifest.dtype))
+        self.manifest, self.batch_size = manifest, batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        m, n = self.manifest, len(batch["id"])
+        out = {"id": batch["id"], "label": batch["label"], "log_prob": np.zeros(n), "likely_class": np.full(n, -1)}
+        if m.per_pixel:
+            out["nll_map"] = np.zeros((n, *m.shape[1:]), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            part = slice(start, start + self.batch_size)
+            levels = torch.from_numpy(np.ascontiguousarray(batch["image"][part])).to(self.device)
+            labels = torch.from_numpy(batch["label"][part]).to(self.device) if m.labels == "own" else None
+            result = score(self.model, levels, labels, label_probs=m.label_probs, per_pixel=m.per_pixel)
+            out["log_prob"][part] = result["log_prob"].cpu().numpy()
+            if "likely_class" in result:
+                out["likely_class"][part] = result["likely_class"].cpu().numpy()
+            if m.per_pixel:
+                out["nll_map"][part] = result["nll_map"].float().cpu().numpy()
+        return out
+
+
+def encode_rows(batch: dict, manifest: Manifest, source):
+    """Scores -> rows in SCORE_SCHEMA (sources, heat map PNGs): a CPU task of its own."""
+    import ray
+
+    source = ray.get(source) if isinstance(source, ray.ObjectRef) else source
+    sources, rows = source.identify(batch["id"])
+    labels = [None if v < 0 else int(v) for v in batch["label"]]
+    return score_table(
+        batch["id"], sources, rows, labels, batch["log_prob"], shape=manifest.shape,
+        likely_class=batch["likely_class"] if manifest.labels == "marginal" else None,
+        nll_maps=batch["nll_map"] if manifest.per_pixel else None,
+        dtype=manifest.dtype, checkpoint=manifest.checkpoint, model_sha256=manifest.model_sha256,
+    )
+
+
+# --- the data: your own images or a torchvision dataset, numbered 0..N-1 --------------------------
+
+
+@dataclasses.dataclass
+class OwnImages:
+    """Your own images, read and decoded by ``pixelcnn.images.read_range`` in the read tasks."""
+
+    source: object  # pixelcnn.images.ImageSource
+    s3: object
+    options: ImageOptions
+    split: str
+    positions: np.ndarray | None  # with --split train/test: the positions of that split, in order
+
+    @property
+    def fingerprint(self) -> str:
+        return self.source.fingerprint
+
+    def __len__(self) -> int:
+        return len(self.source) if self.positions is None else len(self.positions)
+
+    def read(self, start: int, end: int) -> dict:
+        fs = self.s3.filesystem() if self.s3 else open_storage(self.source.root).fs
+        if self.positions is None:
+            rows = read_range(self.source, fs, start, end, self.options)
+            ids = rows.index
+        else:  # ids number the split's images; read the span of positions they cover, keep those
+            wanted = self.positions[start:end]
+            rows = read_range(self.source, fs, int(wanted[0]), int(wanted[-1]) + 1, self.options)
+            keep = np.isin(rows.index, wanted)
+            rows.images, rows.labels, rows.index = rows.images[keep], rows.labels[keep], rows.index[keep]
+            ids = start + np.searchsorted(wanted, rows.index)
+        return {"id": ids.astype(np.int64), "image": rows.images, "label": rows.labels}
+
+    def identify(self, ids: np.ndarray) -> tuple[list[str], list[int | None]]:
+        positions = np.asarray(ids) if self.positions is None else self.positions[np.asarray(ids)]
+        files = np.searchsorted(self.source.offsets, positions, side="right") - 1
+        sources = [self.source.uri_of(int(f)) for f in files]
+        if self.source.kind == "folder":
+            return sources, [None] * len(ids)
+        return sources, [int(p - self.source.offsets[f]) for p, f in zip(positions, files)]
+
+
+@dataclasses.dataclass
+class TorchvisionImages:
+    """A torchvision dataset, loaded once by the driver and sliced by the read tasks."""
+
+    name: str
+    images: object  # ObjectRef of uint8 [N, C, H, W]
+    labels: object  # ObjectRef of int64 [N]
+    count: int
+    parts: list[tuple[str, int]]  # (split, its images) in the order they are numbered
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, start: int, end: int) -> dict:
+        import ray
+
+        images, labels = ray.get(self.images), ray.get(self.labels)
+        return {"id": np.arange(start, end, dtype=np.int64), "image": images[start:end], "label": labels[start:end]}
+
+    def identify(self, ids: np.ndarray) -> tuple[list[str], list[int]]:
+        sources, rows = [], []
+        for k in np.asarray(ids):
+            offset = 0
+            for split, count in self.parts:
+                if k < offset + count:
+                    sources.append(f"{self.name}:{split}")
+                    rows.append(int(k - offset))
+                    break
+                offset += count
+        return sources, rows
+
+
+def open_source(request: ScoreRequest, manifest: Manifest):
+    """The images to score, checked against the model before any actor starts."""
+    import ray
+
+    shape = tuple(manifest.shape)
+    if not request.own_images:
+        splits = ["train", "test"] if request.split == "all" else [request.split]
+        data = [load_dataset(request.dataset, os.path.abspath(request.data_dir), train=s == "train",
+                             download=request.download) for s in splits]
+        images = np.concatenate([d.images.numpy() for d in data])
+        if tuple(images.shape[1:]) != shape:
+            raise DataError(f"{request.dataset} images are {list(images.shape[1:])} (C, H, W); the model takes "
+                            f"{list(shape)}")
+        digest = hashlib.sha256(f"{request.dataset}:{[len(d) for d in data]}".encode()).hexdigest()
+        return TorchvisionImages(request.dataset, ray.put(images), ray.put(np.concatenate([d.labels.numpy() for d in data])),
+                                 len(images), [(s, len(d)) for s, d in zip(splits, data)], digest)
+    options = ImageOptions(image_size=tuple(shape[1:]) if request.resize else None,
+                           channels=shape[0] if request.resize else None, image_column=request.image_column,
+                           label_column=request.label_column, skip_bad_images=request.skip_bad_images,
+                           test_fraction=request.test_fraction if request.split != "all" else 0)
+    source, s3 = find_source(request.dataset, request.s3_endpoint, options)
+    found = scan(source, s3, options)
+    found.check(source, test_fraction=options.test_fraction, needs_test=False)
+    if found.bad:
+        print(f"skipped {found.bad} images that do not decode (--skip-bad-images), e.g. {', '.join(found.bad_keys[:3])}",
+              flush=True)
+    if found.shape != shape:
+        key, mode, size = found.shapes[found.shape]
+        raise DataError(f"the model takes images {list(shape)} (C, H, W), and {key} is {size[0]}x{size[1]} {mode}: "
+                        "pass --resize to resize and convert them")
+    if manifest.labels == "own" and not source.has_labels:
+        raise DataError(f"--use-labels/--label-column: {request.dataset} has no labels")
+    positions = None
+    if request.split != "all":
+        keys = [source.key(f, r) for f in range(len(source.files)) for r in range(source.counts[f])]
+        test = in_test_split(keys, request.test_fraction)
+        positions = np.flatnonzero(test if request.split == "test" else ~test)
+        if not len(positions):
+            raise DataError(f"the {request.split} split of {request.dataset} is empty (--test-fraction {request.test_fraction})")
+    return OwnImages(source, s3, options, request.split, positions)
+
+
+# --- refusals, resources, and what is read back at the end --------------------------------------
+
+
+def parse_args(argv=None) -> ScoreRequest:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_options(p, ScoreRequest)
+    return options_of(ScoreRequest, p.parse_args(argv), p)
+
+
+def prior(request: ScoreRequest, classes: int) -> list[float]:
+    if request.label_probs is None:
+        return [1.0 / classes] * classes
+    try:
+        probs = [float(v) for v in request.label_probs.split(",")]
+    except ValueError:
+        raise JobError(f"--label-probs must be comma-separated numbers, got {request.label_probs!r}") from None
+    if len(probs) != classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:
+        raise JobError(f"--label-probs needs {classes} finite non-negative numbers with a positive sum")
+    return [p / sum(probs) for p in probs]
+
+
+def actor_cpus(request: ScoreRequest, shards: int) -> float:
+    """CPUs per actor; refused when the cluster cannot hold the actors (the pool would wait for ever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    actors = min(request.num_actors, shards)
+    others = READ_CPUS + ENCODE_CPUS + WRITE_CPUS  # room for a read, an encoding and a write at a time
+    cpus = request.cpus_per_actor
+    if cpus is None:
+        cpus = 1.0 if request.gpus_per_actor else max(0.25, (have.get("CPU", 1) - others) / actors)
+    for resource, need, users in (("GPU", request.gpus_per_actor * actors, "the scoring actors"),
+                                  ("CPU", cpus * actors + others, "the scoring actors and their reads, encoding and writes")):
+        if need > have.get(resource, 0) and not request.wait_for_resources:
+            raise JobError(f"{need:g} {resource}s needed for {users}, the cluster has {have.get(resource, 0):g}: "
+                           "fewer --num-actors or --cpus-per-actor, or --wait-for-resources on an autoscaling cluster")
+    return cpus
+
+
+def read_bits(output: Storage, done: list) -> np.ndarray:
+    if not done:
+        return np.zeros(0)
+    files = [output.file(name) for _, _, name in done]
+    return pads.dataset(files, filesystem=output.fs, format="parquet").to_table(columns=["bits_per_dim"]) \
+        .column("bits_per_dim").to_numpy()
+
+
+def summarise(bits: np.ndarray, todo: int, seconds: float, output: Storage, done: list, source) -> dict:
+    stats = {f"p{q}": round(float(np.percentile(bits, q)), 4) for q in (1, 5, 50, 95, 99)} if len(bits) else {}
+    summary = {"images": todo, "seconds": round(seconds, 3), "images_per_s": round(todo / seconds, 2) if todo else 0.0,
+               "total_rows": int(len(bits)), "files": len(done), "output": output.uri,
+               "bits_per_dim_mean": round(float(bits.mean()), 6) if len(bits) else None, **stats}
+    print(f"scored {todo} images in {seconds:.1f} s ({summary['images_per_s']:.1f} images/s); {output.uri} holds "
+          f"{len(bits)} rows of {len(source)} images in {len(done)} files", flush=True)
+    if len(bits):
+        print(f"bits/dim: mean {bits.mean():.4f}, median {np.median(bits):.4f}, 1% {stats['p1']}, 5% {stats['p5']}, "
+              f"95% {stats['p95']}, 99% {stats['p99']}", flush=True)
+    return summary
+
+
+def write_report(output: Storage, done: list, source, count: int) -> None:
+    """_report.png: the ``count`` least and most likely images (read again from the source) and a histogram."""
+    files = [output.file(name) for _, _, name in done]
+    table = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(columns=["id", "bits_per_dim"])
+    order = np.argsort(table.column("bits_per_dim").to_numpy(), kind="stable")
+    ids, bits = table.column("id").to_numpy(), table.column("bits_per_dim").to_numpy()
+    picked = {"most likely": order[:count], "least likely": order[::-1][:count]}
+    images = {}
+    for name, rows in picked.items():
+        got = [source.read(int(ids[r]), int(ids[r]) + 1) for r in rows]
+        images[name] = (np.concatenate([g["image"] for g in got]), bits[rows])
+    output.write(REPORT, score_report_png(images, bits))
+
+
+if __name__ == "__main__":
+    main()

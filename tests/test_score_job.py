@@ -1,0 +1,185 @@
+"""jobs/score.py end to end: exact per-image likelihoods of image folders, Parquet and torchvision data, on
+Ray Data actors, written exactly once; agreement with the library and with jobs/generate.py."""
+
+import io
+import math
+import subprocess
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+
+from conftest import MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, one_error_line, process_titles, randomize, run_job, s3_keys
+from pixelcnn import PixelCNN, evaluate, load_dataset, load_model, sample
+from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
+from pixelcnn.likelihood import model_logits, nll_per_image
+from pixelcnn.schema import SCORE_SCHEMA, decode_png
+from pixelcnn.training import Runtime, TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+
+def save_model(path, **config):
+    torch.manual_seed(0)
+    model = randomize(PixelCNN(hidden=8, blocks=1, **config), std=0.2)
+    save_checkpoint(path / "model.pt", checkpoint_dict(model, step=1, dataset="test"))
+    return model
+
+
+def grey_folder(root, count, size=(6, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(count):
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / f"{k:03d}.png")
+    return root
+
+
+def read(out):
+    return pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+
+
+def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(local_ray_env, tmp_path):
+    model = save_model(tmp_path / "model", image_size=(6, 6)).double()
+    images = grey_folder(tmp_path / "images", 60)
+    proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
+                   "--dtype", "float64", "--batch-size", 7, "--num-actors", 2, "--rows-per-file", 25, "--per-pixel",
+                   "--report", 3, env=local_ray_env)
+    summary = last_json_line(proc.stdout)
+    assert summary["images"] == summary["total_rows"] == 60 and summary["files"] == 3
+    assert "bits/dim: mean" in proc.stdout
+    table = read(tmp_path / "out")
+    assert table.schema.equals(SCORE_SCHEMA) and table.column("id").to_pylist() == list(range(60))
+    data = load_dataset(str(images), test_fraction=0)
+    expected = -nll_per_image(model_logits(model, data.images), data.images)
+    scores = torch.tensor(table.column("log_prob").to_numpy())
+    assert torch.allclose(scores, expected, rtol=1e-9, atol=0)
+    rows = table.to_pylist()
+    assert rows[5]["source"].endswith("images/005.png") and rows[5]["row"] is None and rows[5]["label"] is None
+    assert rows[5]["dtype"] == "float64" and abs(rows[5]["bits_per_dim"] + rows[5]["log_prob"] / (36 * math.log(2))) < 1e-12
+    heat = decode_png(rows[5]["nll_png"])
+    assert heat.shape == (1, 6, 6) and heat.max() > 0
+    report = Image.open(io.BytesIO((tmp_path / "out" / "_report.png").read_bytes()))
+    assert report.size[0] > 100 and report.size[1] > 200
+    again = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
+                    "--dtype", "float64", "--per-pixel", env=local_ray_env)
+    assert last_json_line(again.stdout)["images"] == 0  # a rerun after success writes nothing
+
+
+def test_the_mean_over_mnist_test_is_evaluates_bits_per_dim(local_ray_env, tmp_path):
+    model = save_model(tmp_path / "model").double()
+    proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", "mnist", "--data-dir", MNIST_ROOT,
+                   "--split", "test", "--output", tmp_path / "out", "--dtype", "float64", "--batch-size", 500,
+                   "--rows-per-file", 5000, env=local_ray_env, timeout=600)
+    test = load_dataset("mnist", MNIST_ROOT, train=False)
+    assert last_json_line(proc.stdout)["bits_per_dim_mean"] == pytest.approx(evaluate(model, test, batch_size=500)["bits_per_dim"], rel=1e-6)
+    table = read(tmp_path / "out")
+    assert len(table) == 10000 and table.column("source").to_pylist()[0] == "mnist:test"
+    assert np.mean(table.column("bits_per_dim").to_numpy()) == pytest.approx(evaluate(model, test, batch_size=500)["bits_per_dim"], rel=1e-9)
+    assert table.column("label").to_pylist()[:5] == test.labels[:5].tolist()
+
+
+def test_generated_samples_score_as_their_own_log_prob(local_ray_env, tmp_path):
+    """The two jobs agree: generate.py's log_prob column (the sampler's, float32) is score.py's likelihood
+    of the same images; scored in float64 they are the float64 model's exact ones."""
+    model = save_model(tmp_path / "model", image_size=(5, 4))
+    run_job("generate.py", "--checkpoint", tmp_path / "model", "--num-samples", 30, "--output", tmp_path / "samples",
+            "--rows-per-file", 30, env=local_ray_env)
+    for dtype, tolerance in (("float32", 1e-3), ("float64", 1e-3)):
+        run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
+                tmp_path / dtype, "--dtype", dtype, env=local_ray_env)
+        generated, scored = read(tmp_path / "samples"), read(tmp_path / dtype)
+        assert scored.column("row").to_pylist() == list(range(30))
+        assert np.allclose(scored.column("log_prob").to_numpy(), generated.column("log_prob").to_numpy(), atol=tolerance)
+    exact = sample(model.double(), 30, seed=0)
+    images = np.stack([decode_png(png) for png in generated.column("image_png").to_pylist()])
+    same = [k for k in range(30) if np.array_equal(images[k], exact.images[k].numpy())]
+    assert len(same) >= 28  # float32 and float64 draws part only at CDF ties
+    assert np.allclose(scored.column("log_prob").to_numpy()[same], exact.log_prob.numpy()[same], rtol=1e-9, atol=0)
+
+
+def test_outliers_rank_at_the_unlikely_end(local_ray_env, tmp_path):
+    """What a user would run: MNIST digits with inverted and noise images mixed in, scored by a model
+    trained briefly on MNIST: the foreign images are the least likely."""
+    cfg = TrainConfig(dataset="mnist", data_dir=str(MNIST_ROOT), subset=2048, test_subset=64, hidden=16, blocks=2,
+                      batch_size=64, max_steps=60, lr=3e-3, warmup_steps=5, ema=0.0, grid_samples=0, log_every=100)
+    train(cfg, Runtime(str(tmp_path / "model"), log=lambda *a, **k: None))
+    digits = load_dataset("mnist", MNIST_ROOT, train=False, subset=40).images[:, 0].numpy()
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, digit in enumerate(digits):
+        Image.fromarray(digit).save(folder / f"digit-{k:02d}.png")
+    for k in range(5):
+        Image.fromarray(255 - digits[k]).save(folder / f"inverted-{k}.png")
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"noise-{k}.png")
+    run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", folder, "--output", tmp_path / "out",
+            "--report", 5, env=local_ray_env)
+    table = read(tmp_path / "out").sort_by([("bits_per_dim", "descending")])
+    unlikely = [s.rsplit("/", 1)[1] for s in table.column("source").to_pylist()[:10]]
+    assert all(name.startswith(("inverted", "noise")) for name in unlikely), unlikely
+
+
+def test_a_killed_actor_and_a_lost_file_still_give_every_image_once(ray_cluster, s3, tmp_path):
+    save_model(tmp_path / "model", image_size=(6, 6))
+    s3.client.upload_file(str(tmp_path / "model" / "model.pt"), "pixelcnn", "models/score/model.pt")
+    images = grey_folder(tmp_path / "images", 400)
+    args = ["--checkpoint", "s3://pixelcnn/models/score", "--dataset", images, "--output", "s3://pixelcnn/scores/kill",
+            "--rows-per-file", 10, "--batch-size", 5, "--num-actors", 2, "--address", ray_cluster.address]
+    job = subprocess.Popen([PYTHON, "jobs/score.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "scores/kill/")):
+            assert time.time() < deadline and job.poll() is None, "no part file appeared"
+            time.sleep(0.1)
+        actors = [pid for pid, t in process_titles(cluster_pids(ray_cluster.temp_dir)).items() if "ScoreShards" in t]
+        assert actors, "no scoring actor process found"
+        subprocess.run(["kill", "-9", str(actors[0])], check=True)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    keys = [k for k in s3_keys(s3.client, "pixelcnn", "scores/kill/") if k.endswith(".parquet")]
+    assert len(keys) == 40
+    s3.client.delete_object(Bucket="pixelcnn", Key=keys[7])
+    proc = run_job("score.py", *args, env=ray_cluster.env)
+    assert last_json_line(proc.stdout)["images"] == 10
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.split("//")[1], scheme="http", region="us-east-1",
+                           access_key="testing", secret_key="testing")
+    table = pads.dataset("pixelcnn/scores/kill", filesystem=fs, format="parquet").to_table(columns=["id"])
+    assert sorted(table.column("id").to_pylist()) == list(range(400))
+
+
+@pytest.mark.parametrize("case", ["size", "missing-checkpoint", "undecodable", "split-empty", "foreign"])
+def test_bad_input_is_one_line_and_writes_nothing(case, local_ray_env, tmp_path):
+    save_model(tmp_path / "model", image_size=(6, 6))
+    images = grey_folder(tmp_path / "images", 10, size=(7, 6) if case == "size" else (6, 6))
+    out, checkpoint, extra = tmp_path / "out", tmp_path / "model", []
+    if case == "missing-checkpoint":
+        checkpoint = tmp_path / "nowhere"
+    elif case == "undecodable":
+        (images / "003.png").write_bytes(b"garbage")
+    elif case == "split-empty":
+        extra = ["--split", "test", "--test-fraction", 0.0001]
+    elif case == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    proc = run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, *extra,
+                   env=local_ray_env, check=False)
+    expected = {"size": "the model takes images [1, 6, 6] (C, H, W), and 000.png is 7x6 L: pass --resize",
+                "missing-checkpoint": "checkpoint not found", "undecodable": "003.png is not a decodable image",
+                "split-empty": "the test split of", "foreign": "holds files that are not this job's (notes.txt)"}[case]
+    assert expected in one_error_line(proc), proc.stderr[-2000:]
+    if case == "foreign":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+    if case == "size":  # --resize takes them
+        run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, "--resize", env=local_ray_env)
+        assert len(read(out)) == 10
