@@ -50,10 +50,11 @@ def _terminate(signum, frame):
 
 
 @contextlib.contextmanager
-def one_error_line(what: str):
+def one_error_line(what: str, s3_endpoint: str | None = None):
     """Run a job's body so that whatever stops it ends in one ``error:`` line: a refusal (exit 2), Ctrl-C
     (130), SIGTERM (143), or a failure in Ray, a worker or the driver, named by its root cause (exit 2;
-    ``PIXELCNN_DEBUG=1`` re-raises it with its whole traceback instead). Ray is shut down either way."""
+    ``PIXELCNN_DEBUG=1`` re-raises it with its whole traceback instead), and by the S3 endpoint when S3
+    could not be reached. Ray is shut down either way."""
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -69,7 +70,11 @@ def one_error_line(what: str):
     except Exception as error:
         if os.environ.get("PIXELCNN_DEBUG") == "1":
             raise
-        fail(f"{what} failed: {root_cause(error)} (PIXELCNN_DEBUG=1 shows the traceback)")
+        cause = root_cause(error)
+        if UNREACHABLE.search(cause):  # S3 went away mid-run: say where it was
+            endpoint = S3Settings.from_env(s3_endpoint).endpoint or "AWS's default S3 endpoint"
+            cause = f"S3 at {endpoint} could not be reached: {cause}"
+        fail(f"{what} failed: {cause} (PIXELCNN_DEBUG=1 shows the traceback)")
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutdown_ray()
@@ -293,6 +298,9 @@ def shutdown_ray() -> None:
             ray.shutdown()
 
 
+# What Arrow's and boto3's S3 clients say when the endpoint does not answer.
+UNREACHABLE = re.compile(r"NETWORK_CONNECTION|Could(?: not|n't) connect|Connection refused|EndpointConnectionError|"
+                         r"curlCode: (?:6|7|28)\b", re.IGNORECASE)
 # A worker's error arrives as text: its tracebacks joined by these lines, the innermost first.
 CHAINED_TRACEBACK_MARKERS = re.compile(
     r"^\s*(?:The above exception was the direct cause|During handling of the above exception).*$", re.MULTILINE)

@@ -125,7 +125,7 @@ class Manifest:
 
 def main(argv=None) -> dict:
     request = parse_args(argv)
-    with one_error_line("generation"):
+    with one_error_line("generation", request.s3_endpoint):
         checkpoint_uri, checkpoint, ckpt = read_model(request)
         output = open_storage(request.output, request.s3_endpoint)
         check_bucket(output)  # reading only: a request refused below leaves the output as it was

@@ -131,7 +131,7 @@ class Manifest:
 
 def main(argv=None) -> dict:
     request = parse_args(argv)
-    with one_error_line("scoring"):
+    with one_error_line("scoring", request.s3_endpoint):
         checkpoint_uri, checkpoint = read_checkpoint(request.checkpoint, request.s3_endpoint)
         ckpt = load_checkpoint(checkpoint, name=checkpoint_uri)
         model_from_checkpoint(ckpt, source=f"checkpoint {checkpoint_uri}")

@@ -18,15 +18,17 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
+import pyarrow.fs as pafs  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
-from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
+from jobs.common import JobError, Storage, Terminated, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, gather, read_images, scan  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import ImageData  # noqa: E402
@@ -77,7 +79,7 @@ class TrainJob:
 
 def main(argv=None) -> dict:
     cfg, job = parse_args(argv)
-    with one_error_line("training"):
+    with one_error_line("training", job.s3_endpoint):
         storage = open_storage(job.storage, job.s3_endpoint)
         run = storage.child(job.name)
         previous = refuse_or_resume(cfg, job, run)
@@ -121,10 +123,15 @@ def fit(cfg: TrainConfig, job: TrainJob, storage: Storage, cpus: float, datasets
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
         ),
     )
+    # SIGTERM (`ray job stop`, Kubernetes) takes Ctrl-C's way out: Ray Train's own SIGINT handler aborts
+    # the run and then exits from inside fit(); an exception raised in fit() instead leaves its controller
+    # running, and Ray's shutdown waits for it.
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: (terminated.append(signum), os.kill(os.getpid(), signal.SIGINT)))
     try:
         trainer.fit()
-    except SystemExit:  # Ray Train's own Ctrl-C handler aborts the run, then exits from inside fit()
-        raise KeyboardInterrupt from None
+    except SystemExit:
+        raise (Terminated() if terminated else KeyboardInterrupt()) from None
 
 
 def train_worker(config: dict) -> None:
@@ -354,7 +361,8 @@ def restore_model(run: Storage) -> None:
         return
     except CheckpointError as error:
         broken = str(error)
-    folders = sorted((info.base_name for info in run.list() if info.base_name.startswith("checkpoint_")), reverse=True)
+    folders = sorted((info.base_name for info in run.list()
+                      if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")), reverse=True)
     for folder in folders:
         data = run.read(f"{folder}/{MODEL_FILE}")
         try:

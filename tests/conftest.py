@@ -228,3 +228,64 @@ def one_error_line(proc) -> str:
     line = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1]
     assert line.startswith("error:"), proc.stderr[-2000:]
     return line
+
+
+@pytest.fixture(scope="module")
+def nodes(s3):
+    """A real multi-node Ray cluster on loopback, as Ray's own node-failure tests build one: a head with no
+    CPUs (like cluster.yaml's) and worker raylets added and killed by the test (``add``, ``kill``).
+
+    The nodes start from this process's environment, which holds the moto endpoint and credentials, as
+    instance profiles give real nodes theirs."""
+    from ray.cluster_utils import Cluster
+
+    env = base_env(**s3.env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    os.makedirs(os.path.join(env["RAY_TMPDIR"], "ray"))  # where ray.cluster_utils notes the cluster's address
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", temp_dir=env["RAY_TMPDIR"]))
+
+    class Nodes:
+        address = cluster.address
+        job_env = env
+        workers: list = []
+
+        def add(self, cpus: int = 1):
+            node = cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
+            self.workers.append(node)
+            return node
+
+        def kill(self, node) -> None:
+            """SIGKILL every process of the node, as a lost machine (Ray's node-failure tests do so)."""
+            cluster.remove_node(node, allow_graceful=False)
+            self.workers.remove(node)
+
+        def node_of(self, title: str):
+            """The worker node running a process whose title names ``title`` (a Ray Train worker, an actor)."""
+            procs = process_titles(cluster_pids(env["RAY_TMPDIR"]))
+            for node in self.workers:
+                raylet = node.all_processes["raylet"][0].process.pid
+                children = cluster_pids_of(raylet)
+                if any(title in procs.get(pid, "") for pid in children):
+                    return node
+            return None
+
+    try:
+        yield Nodes()
+    finally:
+        cluster.shutdown()
+        stop_processes(cluster_pids(env["RAY_TMPDIR"]))
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def cluster_pids_of(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    procs = _processes()
+    found = frontier = {pid}
+    while frontier:
+        frontier = {p for p, (ppid, _) in procs.items() if ppid in frontier} - found
+        found = found | frontier
+    return sorted(found)

@@ -175,6 +175,30 @@ def test_a_submit_without_the_right_token_is_refused_and_never_runs(auth_cluster
     assert s3_keys(s3.client, "pixelcnn", prefix) == []
 
 
+DIRECT = [  # (what the job's environment holds, what its one line says)
+    ("no-mode", {}, "requires token authentication and this job sent no token: set RAY_AUTH_MODE=token"),
+    ("no-token", {"RAY_AUTH_MODE": "token"}, "requires an authentication token and none was found"),
+    ("wrong-token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "WRONG"},
+     "refused the authentication token from RAY_AUTH_TOKEN: it is not the cluster's token"),
+]
+
+
+@pytest.mark.parametrize("name, auth, message", DIRECT, ids=[d[0] for d in DIRECT])
+def test_a_job_connecting_without_the_right_token_is_one_line(auth_cluster, s3, token, tiny_checkpoint, tmp_path,
+                                                               name, auth, message):
+    """A driver run with --address (not through `ray job submit`) against a cluster with token auth: one
+    error line saying which token was missing or refused, never the token, nothing written."""
+    wrong = secrets.token_hex(32)
+    env = {**submitter_env(tmp_path, **{k: wrong if v == "WRONG" else v for k, v in auth.items()}), **s3.env}
+    proc = subprocess.run([PYTHON, "jobs/generate.py", "--checkpoint", tiny_checkpoint, "--num-samples", "4", "--output",
+                           f"s3://pixelcnn/auth-direct/{name}", "--address", auth_cluster.address],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    line = [x for x in proc.stderr.splitlines() if x.strip()][-1]
+    assert proc.returncode == 2 and line.startswith("error: ") and message in line, proc.stderr[-3000:]
+    assert token not in proc.stdout + proc.stderr and wrong not in proc.stdout + proc.stderr
+    assert not s3_keys(s3.client, "pixelcnn", f"auth-direct/{name}/")
+
+
 def test_the_token_is_in_no_file_the_cluster_wrote(auth_cluster, token):
     """Ray keeps the token in its processes' environment only: no log, session file or job's working
     directory under the cluster's temp dir holds it, nor ~/.ray/auth_token (the home it started with)."""

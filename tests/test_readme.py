@@ -8,10 +8,11 @@ import pytest
 from conftest import PYTHON, REPO
 
 README = (REPO / "README.md").read_text()
-JOB_DOCS = {"train.py": REPO / "docs" / "training.md", "generate.py": REPO / "docs" / "generation.md"}
+JOB_DOCS = {"train.py": REPO / "docs" / "training.md", "generate.py": REPO / "docs" / "generation.md",
+            "score.py": REPO / "docs" / "scoring.md"}
 
 
-@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+@pytest.mark.parametrize("script", sorted(JOB_DOCS))
 def test_every_job_flag_is_in_its_doc(script):
     help_text = subprocess.run([PYTHON, f"jobs/{script}", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     flags = set(re.findall(r"(--[a-z][a-z0-9-]+)", help_text)) - {"--help"}
@@ -33,3 +34,9 @@ def test_quick_start_is_two_make_targets_that_exist():
 
 def test_no_unfilled_placeholders():
     assert "{{" not in README, re.findall(r"\{\{[A-Z_]+\}\}", README)
+
+
+def test_the_readme_is_short_and_its_links_resolve():
+    assert len(README.splitlines()) <= 200
+    for doc in re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)", README):
+        assert (REPO / doc).exists(), doc

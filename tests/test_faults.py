@@ -1,0 +1,186 @@
+"""Races and faults an adversarial user found: a second live writer with other flags, a lost S3 endpoint, a
+corrupt model.pt of a finished run, an oversized --subset, a foreign output folder, SIGTERM, a request too
+large to plan, and which checkpoint a rerun resumes from. Each ends in one line, nothing lost or doubled."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from conftest import MNIST_ROOT, PYTHON, REPO, free_port, last_json_line, one_error_line, randomize, run_job
+from pixelcnn import PixelCNN, load_model
+from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 256, "--test-subset", 32, "--hidden", 8,
+         "--blocks", 1, "--batch-size", 32, "--grid-samples", 0, "--log-every", 4]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(path, checkpoint_dict(randomize(PixelCNN(hidden=8, blocks=1, image_size=(8, 8)), std=0.2), step=1))
+    return path
+
+
+def ids_of(folder):
+    return sorted(pads.dataset(str(folder), format="parquet").to_table(columns=["id"]).column("id").to_pylist())
+
+
+def test_two_live_writers_with_other_rows_per_file_never_double_an_id(checkpoint, local_ray_env, tmp_path):
+    """Two generate.py runs at once into one output, one with --rows-per-file 50, one with 30: the second
+    is refused while the first writes (the lease), or, started after it, writes the output's own layout."""
+    out = tmp_path / "out"
+    jobs = [subprocess.Popen([PYTHON, "jobs/generate.py", "--checkpoint", str(checkpoint), "--num-samples", "400",
+                              "--rows-per-file", str(rows), "--output", str(out)], cwd=REPO, env=local_ray_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rows in (50, 30)]
+    results = [(job.wait(timeout=300), *job.communicate()) for job in jobs]
+    for code, _, err in results:
+        if code:
+            line = [x for x in err.splitlines() if x.strip()][-1]
+            assert code == 2 and ("is writing" in line or "claimed just now" in line), err[-2000:]
+    assert any(code == 0 for code, _, _ in results)
+    run_job("generate.py", "--checkpoint", checkpoint, "--num-samples", 400, "--rows-per-file", 30, "--output", out,
+            env=local_ray_env)
+    assert ids_of(out) == list(range(400))  # every id once: no file overlaps another
+    layout = json.loads((out / "_manifest.json").read_text())["rows_per_file"]
+    assert all((int(p.name[5:17]) % layout == 0) for p in out.glob("part-*.parquet"))
+
+
+def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_path):
+    """The S3 server goes away mid-run: the line names the failing operation and the endpoint, in both jobs."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**local_ray_env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="lost")
+        jobs = {
+            "generate": [PYTHON, "jobs/generate.py", "--checkpoint", checkpoint, "--num-samples", 3000,
+                         "--rows-per-file", 20, "--output", "s3://lost/samples"],
+            "train": [PYTHON, "jobs/train.py", *map(str, SMALL), "--epochs", 40, "--checkpoint-every", 2,
+                      "--storage", "s3://lost/runs"],
+        }
+        procs = {name: subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True) for name, cmd in jobs.items()}
+        time.sleep(25)  # both are writing by now
+        server.kill()
+        server.wait()
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=300)
+            line = [x for x in err.splitlines() if x.strip()][-1]
+            assert proc.returncode == 2 and line.startswith("error:"), f"{name}: {err[-3000:]}"
+            assert endpoint in line and ("connect" in line.lower() or "network" in line.lower()), f"{name}: {line}"
+            assert "To change retry attempts" not in line
+    finally:
+        server.kill()
+
+
+def test_a_finished_runs_corrupt_model_is_restored_from_its_checkpoint(local_ray_env, tmp_path):
+    args = [*SMALL, "--max-steps", 4, "--checkpoint-every", 2, "--storage", tmp_path, "--name", "done"]
+    run_job("train.py", *args, env=local_ray_env)
+    good = (tmp_path / "done" / "model.pt").read_bytes()
+    (tmp_path / "done" / "model.pt").write_bytes(good[:100])  # truncated
+    proc = run_job("train.py", *args, env=local_ray_env)
+    assert "was unusable" in proc.stdout and "restored it from checkpoint_000000004/model.pt" in proc.stdout
+    assert load_model(tmp_path / "done").config.hidden == 8
+    for folder in (tmp_path / "done").glob("checkpoint_0*"):
+        (folder / "model.pt").write_bytes(b"broken")
+    (tmp_path / "done" / "model.pt").write_bytes(b"broken")
+    proc = run_job("train.py", *args, env=local_ray_env, check=False)
+    assert "and the run holds no intact checkpoint_*/model.pt to restore it from" in one_error_line(proc)
+
+
+def test_a_subset_larger_than_the_dataset_is_refused(local_ray_env, tmp_path):
+    proc = run_job("train.py", *SMALL[:4], "--subset", 99999999, "--storage", tmp_path, env=local_ray_env, check=False)
+    assert "--subset 99999999 is more than the 60000 training images of mnist" in one_error_line(proc)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_output_folder_of_other_files_is_refused(checkpoint, local_ray_env, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    (out / "data.parquet").write_bytes(b"PAR1")
+    proc = run_job("generate.py", "--checkpoint", checkpoint, "--num-samples", 10, "--output", out, env=local_ray_env,
+                   check=False)
+    assert "holds files that are not this job's (data.parquet, notes.txt)" in one_error_line(proc)
+    assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "notes.txt"]
+
+
+@pytest.mark.parametrize("script", ["generate.py", "train.py"])
+def test_sigterm_is_one_line_and_the_rerun_completes(script, checkpoint, local_ray_env, tmp_path):
+    """What `ray job stop` and Kubernetes send: status 143, one line, whole files kept, the same command resumes."""
+    out = tmp_path / "out"
+    if script == "generate.py":
+        args = ["--checkpoint", checkpoint, "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
+        ready = lambda: out.exists() and any(out.glob("part-*.parquet"))  # noqa: E731
+    else:
+        args = [*SMALL, "--epochs", 30, "--checkpoint-every", 4, "--storage", out, "--name", "t"]
+        ready = (out / "t" / "checkpoint_manager_snapshot.json").exists
+    job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=local_ray_env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not ready():
+            assert time.time() < deadline and job.poll() is None, "the job wrote nothing"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, err[-3000:]
+    assert [x for x in err.splitlines() if x.strip()][-1] == "error: terminated: rerun the same command to resume"
+    assert not list(out.rglob(".tmp-*")), "a half-written file was left behind"
+    proc = run_job(script, *args, env=local_ray_env)
+    if script == "generate.py":
+        assert ids_of(out) == list(range(3000))
+    else:
+        assert "resuming from step" in proc.stdout and last_json_line(proc.stdout)["step"] == 240
+
+
+def test_a_request_too_large_to_plan_is_refused_at_once(checkpoint, local_ray_env, tmp_path):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    proc = run_job("generate.py", "--checkpoint", checkpoint, "--num-samples", 10**10, "--output", tmp_path / "out",
+                   env=local_ray_env, check=False)
+    assert "10000000000 ids at 10000 per file make 1000000 part files" in one_error_line(proc)
+    assert time.perf_counter() - started < 60 and not (tmp_path / "out").exists()
+    assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 2_000_000  # KiB: no 10 GB mask
+
+
+def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(local_ray_env, tmp_path):
+    """The driver died after the run folder's model.pt (step 8) was written and before Ray Train registered
+    checkpoint_000000008: the rerun resumes from step 8, not from the last registered step 4."""
+    args = [*SMALL, "--epochs", 3, "--checkpoint-every", 4, "--storage", tmp_path]
+    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=local_ray_env)
+    run_job("train.py", *args, "--max-steps", 8, "--name", "long", env=local_ray_env)
+    shutil.copy(tmp_path / "long" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest (4)
+    proc = run_job("train.py", *args, "--max-steps", 12, "--name", "short", env=local_ray_env)
+    assert "resuming from step 8" in proc.stdout
+    assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
+        [4, 8, 12]
