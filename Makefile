@@ -8,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/mnist
 TRAIN_FLAGS ?=
 
-.PHONY: setup train test clean
+.PHONY: setup train test clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ train: setup
 
 test: setup
 	$(PYTHON) -m pytest -q --basetemp=/tmp/pixelcnn-pytest-$$$$ $(PYTEST_FLAGS)
+
+# make gpu-check : the GPU acceptance run on one H100/H200, <= 8 minutes (docs/gpu.md); on a CPU:
+#                   make gpu-check GPU_CHECK_FLAGS="--device cpu --quick"
+gpu-check:
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf runs out .pytest_cache
