@@ -32,6 +32,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
+from jobs.actors import ModelActor, actor_cpus  # noqa: E402
 from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
 from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -135,16 +136,9 @@ def main(argv=None) -> dict:
             dtype=request.dtype, sampler=request.sampler, rows_per_file=request.rows_per_file,
             data_shape=list(ckpt["data_shape"]),
         )
-        done = outputs.part_ranges(output)
-        stored = outputs.check_manifest(output, manifest, has_parts=bool(done), upgrade=upgrade(output, done, manifest.sampler))
-        if stored and stored.get("rows_per_file", manifest.rows_per_file) != manifest.rows_per_file:
-            # Every writer of an output writes the same files: its layout is the one it was started with.
-            print(f"{output.uri} was started with --rows-per-file {stored['rows_per_file']}: writing its files so", flush=True)
-            manifest = dataclasses.replace(manifest, rows_per_file=stored["rows_per_file"])
-        if request.repair:
-            done = outputs.repair(output, done)
-        outputs.check_ours(output, done)
-        shards = outputs.plan(request.num_samples, done, manifest.rows_per_file)
+        manifest, done, shards = outputs.resume(
+            output, manifest, request.num_samples, repair_overlaps=request.repair,
+            upgrade=upgrade(output, outputs.part_ranges(output), manifest.sampler))
         todo = sum(end - start for start, end in shards)
         started = time.perf_counter()
         if todo:
@@ -186,15 +180,12 @@ def run_pipeline(request: GenerateRequest, output: Storage, checkpoint: bytes, m
         rows.write_datasink(outputs.make_sink(output, SAMPLE_SCHEMA), ray_remote_args={"num_cpus": WRITE_CPUS})
 
 
-class SampleShards:
+class SampleShards(ModelActor):
     """A Ray Data actor: loads the model once, then samples whole shards of ids into raw images."""
 
     def __init__(self, checkpoint: bytes, manifest: Manifest, batch_size: int, gpu: bool, cpus: float):
-        self.device = torch.device("cuda" if gpu else "cpu")
-        if not gpu:
-            torch.set_num_threads(max(1, int(cpus)))
-        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device, getattr(torch, manifest.dtype))
-        self.manifest, self.batch_size = manifest, batch_size
+        super().__init__(checkpoint, manifest.dtype, batch_size, gpu, cpus)
+        self.manifest = manifest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = self.manifest
@@ -299,20 +290,10 @@ def actor_pool(request: GenerateRequest, shards: int):
     num_actors = min(request.num_actors, shards)
     min_actors = None if request.min_actors is None else min(request.min_actors, shards)
     max_actors = None if request.max_actors is None else min(request.max_actors, shards)
-    have = ray.cluster_resources()
-    # Leave CPU for two encode and two write tasks at a time: with none left the files would wait for the
-    # pool to finish (the whole request held in memory, nothing on disk if it crashes), and a pool that
-    # takes every CPU can hang.
-    others = 2 * (ENCODE_CPUS + WRITE_CPUS)
-    cpus = request.cpus_per_actor
-    if cpus is None:
-        cpus = 1.0 if request.gpus_per_actor else max(0.25, (have.get("CPU", 1) - others) / (max_actors or num_actors))
-    actors = min_actors or num_actors
-    for resource, need, users in (("GPU", request.gpus_per_actor * actors, "the sampler actors"),
-                                  ("CPU", cpus * actors + others, "the sampler actors and their encoding and writes")):
-        if need > have.get(resource, 0) and not request.wait_for_resources:
-            raise JobError(f"{need:g} {resource}s needed for {users}, the cluster has {have.get(resource, 0):g}: "
-                           "fewer --num-actors or --cpus-per-actor, or --wait-for-resources on an autoscaling cluster")
+    # Room for two encode and two write tasks at a time beside the actors.
+    cpus = actor_cpus(actors=min_actors or num_actors, most=max_actors or num_actors, gpus_per_actor=request.gpus_per_actor,
+                      cpus_per_actor=request.cpus_per_actor, others=2 * (ENCODE_CPUS + WRITE_CPUS),
+                      wait=request.wait_for_resources, what="sampler")
     pool = (ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors) if min_actors is not None
             else ray.data.ActorPoolStrategy(size=num_actors))
     return pool, cpus

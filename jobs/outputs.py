@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pyarrow as pa
@@ -169,6 +169,22 @@ def claim(output: Storage, manifest, *, has_parts: bool, upgrade=None) -> None:
     if getattr(manifest, "rows_per_file", None) != stored.get("rows_per_file", getattr(manifest, "rows_per_file", None)):
         raise JobError(f"{output.uri} was claimed just now by another request with --rows-per-file "
                        f"{stored['rows_per_file']}: rerun to write its layout")
+
+
+def resume(output: Storage, manifest, num_ids: int, *, repair_overlaps: bool = False, upgrade=None):
+    """What a request still has to write into ``output``: (its manifest, in the output's own layout; the
+    part files there; the shards to write). Refuses an output of another request or of something else,
+    reading only."""
+    done = part_ranges(output)
+    stored = check_manifest(output, manifest, has_parts=bool(done), upgrade=upgrade)
+    if stored and stored.get("rows_per_file", manifest.rows_per_file) != manifest.rows_per_file:
+        # Every writer of an output writes the same files: its layout is the one it was started with.
+        print(f"{output.uri} was started with --rows-per-file {stored['rows_per_file']}: writing its files so", flush=True)
+        manifest = replace(manifest, rows_per_file=stored["rows_per_file"])
+    if repair_overlaps:
+        done = repair(output, done)
+    check_ours(output, done)
+    return manifest, done, plan(num_ids, done, manifest.rows_per_file)
 
 
 def _jsonable(value):

@@ -32,6 +32,7 @@ import pyarrow.dataset as pads  # noqa: E402
 import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
+from jobs.actors import ModelActor, actor_cpus  # noqa: E402
 from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
 from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, scan  # noqa: E402
@@ -151,15 +152,7 @@ def main(argv=None) -> dict:
         init_ray(request.address)
         source = open_source(request, manifest)  # lists and scans the images (Ray Data tasks), reading only
         manifest = dataclasses.replace(manifest, data_fingerprint=source.fingerprint)
-        done = outputs.part_ranges(output)
-        stored = outputs.check_manifest(output, manifest, has_parts=bool(done))
-        if stored and stored.get("rows_per_file", manifest.rows_per_file) != manifest.rows_per_file:
-            print(f"{output.uri} was started with --rows-per-file {stored['rows_per_file']}: writing its files so", flush=True)
-            manifest = dataclasses.replace(manifest, rows_per_file=stored["rows_per_file"])
-        if request.repair:
-            done = outputs.repair(output, done)
-        outputs.check_ours(output, done)
-        shards = outputs.plan(len(source), done, manifest.rows_per_file)
+        manifest, done, shards = outputs.resume(output, manifest, len(source), repair_overlaps=request.repair)
         todo = sum(end - start for start, end in shards)
         started = time.perf_counter()
         if todo:
@@ -178,7 +171,10 @@ def run_pipeline(request: ScoreRequest, output: Storage, checkpoint: bytes, mani
                  has_parts: bool) -> None:
     import ray
 
-    cpus = actor_cpus(request, len(shards))
+    actors = min(request.num_actors, len(shards))  # no more actors than shards: an idle one holds its GPU for nothing
+    cpus = actor_cpus(actors=actors, most=actors, gpus_per_actor=request.gpus_per_actor,
+                      cpus_per_actor=request.cpus_per_actor, others=READ_CPUS + ENCODE_CPUS + WRITE_CPUS,
+                      wait=request.wait_for_resources, what="scoring")
     check_writable(output)
     with outputs.Lease(output, "score.py"):
         outputs.claim(output, manifest, has_parts=has_parts)
@@ -190,7 +186,7 @@ def run_pipeline(request: ScoreRequest, output: Storage, checkpoint: bytes, mani
         )
         # ... actors run the model's forward pass over it ...
         scores = images.map_batches(
-            ScoreShards, batch_size=None, compute=ray.data.ActorPoolStrategy(size=min(request.num_actors, len(shards))),
+            ScoreShards, batch_size=None, compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=request.gpus_per_actor, num_cpus=cpus,
             fn_constructor_kwargs={"checkpoint": checkpoint, "manifest": manifest, "batch_size": request.batch_size,
                                    "gpu": request.gpus_per_actor > 0, "cpus": cpus},
@@ -208,15 +204,12 @@ def read_shard(batch: dict, source) -> dict:
     return source.read(int(batch["start"][0]), int(batch["end"][0]))
 
 
-class ScoreShards:
+class ScoreShards(ModelActor):
     """A Ray Data actor: loads the model once, then scores whole shards in batches."""
 
     def __init__(self, checkpoint: bytes, manifest: Manifest, batch_size: int, gpu: bool, cpus: float):
-        self.device = torch.device("cuda" if gpu else "cpu")
-        if not gpu:
-            torch.set_num_threads(max(1, int(cpus)))
-        self.model = model_from_checkpoint(load_checkpoint(checkpoint)).to(self.device, getattr(torch, manifest.dtype))
-        self.manifest, self.batch_size = manifest, batch_size
+        super().__init__(checkpoint, manifest.dtype, batch_size, gpu, cpus)
+        self.manifest = manifest
 
     def __call__(self, batch: dict) -> dict:
         m, n = self.manifest, len(batch["id"])
@@ -387,24 +380,6 @@ def prior(request: ScoreRequest, classes: int) -> list[float]:
     if len(probs) != classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:
         raise JobError(f"--label-probs needs {classes} finite non-negative numbers with a positive sum")
     return [p / sum(probs) for p in probs]
-
-
-def actor_cpus(request: ScoreRequest, shards: int) -> float:
-    """CPUs per actor; refused when the cluster cannot hold the actors (the pool would wait for ever)."""
-    import ray
-
-    have = ray.cluster_resources()
-    actors = min(request.num_actors, shards)
-    others = READ_CPUS + ENCODE_CPUS + WRITE_CPUS  # room for a read, an encoding and a write at a time
-    cpus = request.cpus_per_actor
-    if cpus is None:
-        cpus = 1.0 if request.gpus_per_actor else max(0.25, (have.get("CPU", 1) - others) / actors)
-    for resource, need, users in (("GPU", request.gpus_per_actor * actors, "the scoring actors"),
-                                  ("CPU", cpus * actors + others, "the scoring actors and their reads, encoding and writes")):
-        if need > have.get(resource, 0) and not request.wait_for_resources:
-            raise JobError(f"{need:g} {resource}s needed for {users}, the cluster has {have.get(resource, 0):g}: "
-                           "fewer --num-actors or --cpus-per-actor, or --wait-for-resources on an autoscaling cluster")
-    return cpus
 
 
 def read_bits(output: Storage, done: list) -> np.ndarray:

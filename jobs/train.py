@@ -32,10 +32,10 @@ from jobs.common import JobError, Storage, Terminated, check_bucket, check_writa
 from jobs.datasets import READ_CPUS, find_source, gather, read_images, scan  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import ImageData  # noqa: E402
-from pixelcnn.errors import CheckpointError, DataError, one_line  # noqa: E402
+from pixelcnn.errors import CheckpointError, DataError  # noqa: E402
 from pixelcnn.options import flag_name, identity_fields, option  # noqa: E402
 from pixelcnn.sampling.streams import derive_seed  # noqa: E402
-from pixelcnn.training import Batch, InMemoryBatches, Runtime, TrainConfig, load_split, report_files, train  # noqa: E402
+from pixelcnn.training import Batch, InMemoryBatches, Runtime, TrainConfig, load_split, train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

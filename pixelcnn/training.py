@@ -131,6 +131,10 @@ class TrainConfig:
     grad_clip: float = option(1.0, "max gradient norm (0: off)", group="optimisation")
     seed: int = option(0, "weights init, data order and sample grids", identity=True, group="optimisation")
     amp: str = option("off", "bf16 autocast (for GPUs)", choices=AMP_MODES, group="optimisation")
+    # float64 makes runs of different worker counts agree to ~1e-12 after hundreds of steps, where float32's
+    # rounding grows to ~1e-2 (Adam's normalised steps amplify it): how distributed runs are checked.
+    precision: str = option("float32", "weights and arithmetic: float64 to check a distributed or elastic run "
+                            "against one process (slow)", choices=("float32", "float64"), group="optimisation")
     compile: bool = option(False, "torch.compile the model (after DDP wrapping)", group="optimisation")
     # reporting
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: per epoch only)", group="reporting")
@@ -380,7 +384,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model_class, _ = MODELS[cfg.model]
-    model = model_class(cfg.model_config(batches.shape, batches.num_classes)).to(device)
+    model = model_class(cfg.model_config(batches.shape, batches.num_classes)).to(device, getattr(torch, cfg.precision))
     # One parameter group, every tensor decayed alike (the masked-out kernel entries get no gradient,
     # so decay only shrinks values that are multiplied by zero anyway).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -449,7 +453,8 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             if not count:  # a share of no images (a short last batch): a zero-weighted step keeps DDP in step
                 levels, batch_labels = torch.zeros_like(test_data.images[:1]).to(device), torch.zeros(1, dtype=torch.long, device=device)
             with autocast:
-                nll = F.cross_entropy(model_logits(train_model, levels, batch_labels).float(), levels.long(),
+                logits = model_logits(train_model, levels, batch_labels)
+                nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), levels.long(),
                                       reduction="sum") * (count > 0)
             # DDP averages gradients over workers: weighting by workers / global batch makes the average
             # the gradient of the mean loss over the global batch, whatever the shares.

@@ -67,19 +67,11 @@ def base_env(**extra) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def s3():
-    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions.
-
-    A separate process: moto's in-process state is global, and other tests' ``mock_aws`` resets it.
-    """
-    import boto3
-
+def start_moto() -> tuple[subprocess.Popen, dict]:
+    """A moto S3 server on a free loopback port, and the environment that points AWS clients at it."""
     port = free_port()
-    server = subprocess.Popen(
-        [os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
@@ -88,11 +80,42 @@ def s3():
         except OSError:
             assert time.time() < deadline and server.poll() is None, "moto_server did not start"
             time.sleep(0.1)
-    env = {
+    return server, {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
     }
+
+
+def kill_an_actor_midway(script: str, args: list, *, env: dict, title: str, temp_dir: str, started) -> str:
+    """Run ``python jobs/<script>``, SIGKILL one actor process whose title names ``title`` once ``started()``
+    (its first part file), and return the job's output; it must still succeed."""
+    job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not started():
+            assert time.time() < deadline and job.poll() is None, "no part file appeared"
+            time.sleep(0.1)
+        actors = [pid for pid, t in process_titles(cluster_pids(temp_dir)).items() if title in t]
+        assert actors, f"no {title} actor process found"
+        subprocess.run(["kill", "-9", str(actors[0])], check=True)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions.
+
+    A separate process: moto's in-process state is global, and other tests' ``mock_aws`` resets it.
+    """
+    import boto3
+
+    server, env = start_moto()
     client = boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
         aws_secret_access_key="testing", region_name="us-east-1",

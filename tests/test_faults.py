@@ -3,11 +3,9 @@ corrupt model.pt of a finished run, an oversized --subset, a foreign output fold
 large to plan, and which checkpoint a rerun resumes from. Each ends in one line, nothing lost or doubled."""
 
 import json
-import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,7 +13,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, free_port, last_json_line, one_error_line, randomize, run_job
+from conftest import MNIST_ROOT, PYTHON, REPO, last_json_line, one_error_line, randomize, run_job, start_moto
 from pixelcnn import PixelCNN, load_model
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
@@ -61,21 +59,10 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
     """The S3 server goes away mid-run: the line names the failing operation and the endpoint, in both jobs."""
     import boto3
 
-    port = free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**local_ray_env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    server, aws = start_moto()
+    endpoint = aws["AWS_ENDPOINT_URL"]
+    env = {**local_ray_env, **aws}
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline
-                time.sleep(0.1)
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1").create_bucket(Bucket="lost")
         jobs = {

@@ -1,8 +1,6 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
-import json
 import subprocess
-import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -12,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import interrupt_job, one_error_line, PYTHON, REPO, cluster_pids, last_json_line, process_titles, randomize, run_job, s3_keys
+from conftest import interrupt_job, kill_an_actor_midway, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, s3_keys
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
-from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, sample_table
+from pixelcnn.schema import SAMPLE_SCHEMA, decode_png
 
 pytestmark = pytest.mark.slow
 
@@ -157,21 +155,8 @@ def test_killed_actor_still_every_id_exactly_once(ray_cluster, s3, checkpoints):
     # Enough shards that the actors are still sampling when the first file lands (they sample ahead of the writes).
     args = ["--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 960, "--output", "s3://pixelcnn/samples/kill",
             "--sampler", "naive", "--rows-per-file", 8, "--batch-size", 8, "--num-actors", 2, "--address", ray_cluster.address]
-    job = subprocess.Popen([PYTHON, "jobs/generate.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while not any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "samples/kill/")):
-            assert time.time() < deadline and job.poll() is None, "no part file appeared"
-            time.sleep(0.1)
-        actors = [pid for pid, t in process_titles(cluster_pids(ray_cluster.temp_dir)).items() if "SampleShards" in t]
-        assert actors, "no sampler actor process found"
-        subprocess.run(["kill", "-9", str(actors[0])], check=True)
-        out, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, out[-3000:]
+    kill_an_actor_midway("generate.py", args, env=ray_cluster.env, title="SampleShards", temp_dir=ray_cluster.temp_dir,
+                         started=lambda: any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "samples/kill/")))
     table, files = read_rows(s3, "samples/kill/")
     assert table.column("id").to_pylist() == list(range(960))  # sorted: every id once, none twice
     assert len(files) == 120
@@ -309,7 +294,7 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
         "label": "--label 10 is not a class", "label-probs": "--label-probs needs 10 finite non-negative numbers",
         "unconditional": "unconditional", "other-seed": "holds rows of another request (seed 1 -> 2)",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
-        "cpus": "65 CPUs needed for the sampler actors and their encoding and writes, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
+        "cpus": "65 CPUs needed for the sampler actors and the pipeline's CPU tasks, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
         "gpus-nan": "--gpus-per-actor and --preview must be >= 0",
         "seed-range": "--seed must be a 64-bit integer (-2**63 to 2**63 - 1)",
     }[case]

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 # Cheap steps, but 200 test images evaluated at every report (every 10 steps): reports do not change the
 # weights, and they keep the run going long enough for a node to go and come back.
 RECIPE = ["--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 640, "--hidden", 8, "--blocks", 1,
-          "--batch-size", 64, "--epochs", 100, "--max-steps", 250, "--grid-samples", 0, "--log-every", 50]
+          "--batch-size", 64, "--epochs", 100, "--max-steps", 250, "--grid-samples", 0, "--log-every", 50,
+          "--precision", "float64"]  # float32's rounding grows to ~1e-2 over 250 steps between worker counts
 ELASTIC = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}  # how long a worker group may take to start
 
 
@@ -92,13 +93,14 @@ def test_elastic_training_shrinks_without_waiting_and_grows_back(nodes, s3, loca
     assert "resuming from step" in out
 
     # The same recipe uninterrupted on one worker (reports do not change the weights): the same weights.
-    run_job("train.py", *RECIPE, "--test-subset", 16, "--storage", tmp_path, "--name", "once", env=local_ray_env)
+    run_job("train.py", *RECIPE, "--test-subset", 16, "--storage", tmp_path, "--name", "once", env=local_ray_env,
+            timeout=600)
     data = s3.client.get_object(Bucket="pixelcnn", Key=f"runs/{name}/model.pt")["Body"].read()
     (tmp_path / "elastic.pt").write_bytes(data)
     elastic = torch.load(tmp_path / "elastic.pt", weights_only=True)["training"]["raw_state"]
     once = torch.load(tmp_path / "once" / "model.pt", weights_only=True)["training"]["raw_state"]
     for key, value in once.items():
-        assert torch.allclose(elastic[key], value, atol=2e-5, rtol=1e-4), key
+        assert torch.allclose(elastic[key], value, atol=1e-9, rtol=0), key
 
 
 def test_without_min_workers_a_lost_node_restarts_at_full_size(nodes, s3, tmp_path):

@@ -3,8 +3,6 @@ Ray Data actors, written exactly once; agreement with the library and with jobs/
 
 import io
 import math
-import subprocess
-import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -12,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, one_error_line, process_titles, randomize, run_job, s3_keys
-from pixelcnn import PixelCNN, evaluate, load_dataset, load_model, sample
+from conftest import MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, run_job, s3_keys
+from pixelcnn import PixelCNN, evaluate, load_dataset, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.likelihood import model_logits, nll_per_image
 from pixelcnn.schema import SCORE_SCHEMA, decode_png
@@ -128,21 +126,8 @@ def test_a_killed_actor_and_a_lost_file_still_give_every_image_once(ray_cluster,
     images = grey_folder(tmp_path / "images", 400)
     args = ["--checkpoint", "s3://pixelcnn/models/score", "--dataset", images, "--output", "s3://pixelcnn/scores/kill",
             "--rows-per-file", 10, "--batch-size", 5, "--num-actors", 2, "--address", ray_cluster.address]
-    job = subprocess.Popen([PYTHON, "jobs/score.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 180
-        while not any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "scores/kill/")):
-            assert time.time() < deadline and job.poll() is None, "no part file appeared"
-            time.sleep(0.1)
-        actors = [pid for pid, t in process_titles(cluster_pids(ray_cluster.temp_dir)).items() if "ScoreShards" in t]
-        assert actors, "no scoring actor process found"
-        subprocess.run(["kill", "-9", str(actors[0])], check=True)
-        out, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0, out[-3000:]
+    kill_an_actor_midway("score.py", args, env=ray_cluster.env, title="ScoreShards", temp_dir=ray_cluster.temp_dir,
+                         started=lambda: any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "scores/kill/")))
     keys = [k for k in s3_keys(s3.client, "pixelcnn", "scores/kill/") if k.endswith(".parquet")]
     assert len(keys) == 40
     s3.client.delete_object(Bucket="pixelcnn", Key=keys[7])
