@@ -453,12 +453,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             if not count:  # a share of no images (a short last batch): a zero-weighted step keeps DDP in step
                 levels, batch_labels = torch.zeros_like(test_data.images[:1]).to(device), torch.zeros(1, dtype=torch.long, device=device)
             with autocast:
-                logits = model_logits(train_model, levels, batch_labels)
-                nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), levels.long(),
-                                      reduction="sum") * (count > 0)
-            # DDP averages gradients over workers: weighting by workers / global batch makes the average
-            # the gradient of the mean loss over the global batch, whatever the shares.
-            loss = nll * (runtime.world_size / (total * dims))
+                nll, loss = share_loss(train_model, levels, batch_labels, total, runtime.world_size, weight=count > 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -491,6 +486,18 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
         if step < epoch_end:  # a stream that ran dry early (it cannot for data in memory)
             raise RuntimeError(f"the training data of epoch {epoch + 1} ended at step {step}, before {epoch_end}")
     return history[-1] if history else {"step": step, "done": True}
+
+
+def share_loss(model, levels, labels, total: int, world_size: int, weight: float = 1.0):
+    """(summed NLL in nats, the loss to step on) of one worker's share of a global batch of ``total`` images.
+
+    DDP averages gradients over workers: weighting the share's summed NLL by workers / (total x dims) makes
+    that average the gradient of the mean loss per dimension over the global batch, whatever the shares.
+    """
+    logits = model_logits(model, levels, labels)
+    nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), levels.long(), reduction="sum")
+    nll = nll * weight
+    return nll, nll * (world_size / (total * math.prod(levels.shape[1:])))
 
 
 class Progress:

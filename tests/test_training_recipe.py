@@ -6,13 +6,14 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, randomize
 from pixelcnn import CheckpointError, GatedPixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import load_checkpoint
-from pixelcnn.likelihood import loss_per_dim, model_logits
+from pixelcnn.likelihood import loss_per_dim, model_logits, nll_per_image
 from pixelcnn.options import identity_fields
 from pixelcnn.sampling.streams import derive_seed
 from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
@@ -246,3 +247,58 @@ def test_a_rerun_trains_only_if_it_asks_for_more(previous, asked, trained):
     from jobs.train import already_trained
 
     assert already_trained(previous, TrainConfig(**{**TINY, "subset": None, **asked})) == trained
+
+
+def test_in_memory_batches_give_each_image_once_per_epoch_in_shares_of_one_global_batch():
+    from pixelcnn.data import ImageData
+    from pixelcnn.training import InMemoryBatches
+
+    data = ImageData(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.long), 0)
+    one = InMemoryBatches(data, 4, seed=5, rank=0, world_size=1, device="cpu")
+    assert one.steps_per_epoch == 3  # 4 + 4 + the short last batch of 2
+    for epoch in range(3):
+        global_batches = [b.levels.flatten().tolist() for b in one.epoch(epoch)]
+        assert sorted(sum(global_batches, [])) == list(range(10))  # every image once
+        ranks = [list(InMemoryBatches(data, 4, 5, r, 3, "cpu").epoch(epoch)) for r in range(3)]
+        for step, batch in enumerate(global_batches):
+            shares = [ranks[r][step] for r in range(3)]
+            assert sum((s.levels.flatten().tolist() for s in shares), []) == batch  # the global batch, in rank order
+            assert max(len(s.levels) for s in shares) - min(len(s.levels) for s in shares) <= 1
+            assert {s.total for s in shares} == {len(batch)}
+    resumed = [b.levels.flatten().tolist() for b in one.epoch(1, start=2)]
+    assert resumed == [b.levels.flatten().tolist() for b in one.epoch(1)][2:]  # a resume sees the same batches
+
+
+def test_weighted_shares_give_the_one_worker_gradient():
+    """Averaged over workers as DDP does, the share losses' gradients are the mean loss's over the whole
+    global batch, for uneven shares and a share of no images alike (float64)."""
+    from pixelcnn.training import share_loss
+
+    torch.manual_seed(0)
+    model = randomize(GatedPixelCNN(image_size=(4, 4), hidden=6, layers=2, kernel_size=3)).double()
+    levels = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+
+    def gradient(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = gradient(nll_per_image(model_logits(model, levels), levels).sum() / levels.numel())  # the mean, in float64
+    for world in (2, 3, 6):
+        shares = [levels[r * 5 // world:(r + 1) * 5 // world] for r in range(world)]
+        grads = [gradient(share_loss(model, s if len(s) else levels[:1], None, 5, world, weight=float(len(s) > 0))[1])
+                 for s in shares]
+        assert torch.allclose(sum(grads) / world, whole, rtol=1e-10, atol=1e-14), world
+
+
+def test_the_progress_line_has_an_eta_and_the_run_folder_its_pictures(tmp_path):
+    from PIL import Image
+
+    _, _, lines = run(tmp_path, "pictures", max_steps=4, log_every=2, grid_samples=4, epochs=1)
+    progress = [line for line in lines if line.startswith("step ")]
+    assert len(progress) == 2 and all("ETA" in line and "images/s" in line for line in progress)
+    assert any(line.startswith("report at step 4: train") for line in lines)
+    chart = Image.open(tmp_path / "pictures" / "metrics.png")
+    assert chart.size == (640, 400) and len(np.unique(np.asarray(chart.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # drawn, not blank
+    grid = Image.open(tmp_path / "pictures" / "samples_epoch_001.png")
+    assert grid.size == (4 * (2 * (12 + 2) + 2),) * 2  # 2x2 images of 12x12 with 2-pixel gaps, 4x enlarged
