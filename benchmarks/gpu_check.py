@@ -492,8 +492,8 @@ def mnist_root(c: Check) -> tuple[str, str] | tuple[None, None]:
             continue
         plain = {base: found.get(False) for base, found in raw.items()}
         dirs = {os.path.dirname(p) for p in plain.values() if p}
-        if all(plain.values()) and len(dirs) == 1 and dirs.pop().endswith(os.path.join("MNIST", "raw")):
-            return os.path.dirname(os.path.dirname(next(iter(plain.values())))), src
+        if all(plain.values()) and len(dirs) == 1 and next(iter(dirs)).endswith(os.path.join("MNIST", "raw")):
+            return os.path.dirname(os.path.dirname(dirs.pop())), src  # the folder above MNIST/raw
         dest = os.path.join(c.work, "mnist", "MNIST", "raw")
         os.makedirs(dest, exist_ok=True)
         for base, found in raw.items():

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,6 +50,25 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+class _Interrupt:
+    """Ctrl-C's handler: KeyboardInterrupt, raised again every second until the job has stopped. Python
+    drops an exception raised while the main thread runs a finaliser (a Ray driver runs many: object
+    references), so one Ctrl-C can be lost while Ray Data executes."""
+
+    def __init__(self):
+        self.pressed, self.handled = threading.Event(), threading.Event()
+
+    def __call__(self, signum, frame):
+        if not self.pressed.is_set():
+            self.pressed.set()
+            threading.Thread(target=self._repeat, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _repeat(self):
+        while not self.handled.wait(1.0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @contextlib.contextmanager
 def one_error_line(what: str, s3_endpoint: str | None = None):
     """Run a job's body so that whatever stops it ends in one ``error:`` line: a refusal (exit 2), Ctrl-C
@@ -56,12 +76,15 @@ def one_error_line(what: str, s3_endpoint: str | None = None):
     ``PIXELCNN_DEBUG=1`` re-raises it with its whole traceback instead), and by the S3 endpoint when S3
     could not be reached. Ray is shut down either way."""
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGTERM, _terminate), signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     except (JobError, InputError) as error:
         fail(str(error))
     except KeyboardInterrupt:
+        interrupt.handled.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ray's shutdown below is short; let it finish
         stopped(130)
     except Terminated:
         stopped(143)
@@ -76,8 +99,10 @@ def one_error_line(what: str, s3_endpoint: str | None = None):
             cause = f"S3 at {endpoint} could not be reached: {cause}"
         fail(f"{what} failed: {cause} (PIXELCNN_DEBUG=1 shows the traceback)")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupt.handled.set()
         shutdown_ray()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 # --- storage -------------------------------------------------------------------------------------
@@ -306,6 +331,9 @@ CHAINED_TRACEBACK_MARKERS = re.compile(
     r"^\s*(?:The above exception was the direct cause|During handling of the above exception).*$", re.MULTILINE)
 # Ray's own wrappers around a user's error (Ray Data adds a UserCodeException with advice on retries).
 RAY_WRAPPER = re.compile(r"^\s*ray\.(?:data\.)?exceptions\.\w+", re.MULTILINE)
+# Lines Ray Data appends to an I/O error it retried: the error itself is on the line above them.
+RAY_RETRY_ADVICE = re.compile(r"^\s*(?:Failed to .+ after \d+/\d+ attempts \(total backoff|To change retry attempts|"
+                              r"This looks like an AWS S3 permissions error)")
 
 
 def root_cause(error: BaseException) -> str:
@@ -318,7 +346,7 @@ def root_cause(error: BaseException) -> str:
     for cause in reversed(chain):
         parts = CHAINED_TRACEBACK_MARKERS.split(str(cause))
         parts = [part for part in parts if not RAY_WRAPPER.search(part)] or parts
-        lines = [line.strip() for line in parts[-1].splitlines() if line.strip()]
+        lines = [line.strip() for line in parts[-1].splitlines() if line.strip() and not RAY_RETRY_ADVICE.match(line)]
         if lines:
             return lines[-1][:500]
     return type(error).__name__

@@ -164,6 +164,17 @@ def test_mnist_gz_files_are_unpacked_for_torchvision(tmp_path):
     assert gpu_check.mnist_root(check(tmp_path, "--mnist", str(tmp_path / "nowhere"))) == (None, None)
 
 
+def test_plain_mnist_files_are_read_where_they_are(tmp_path):
+    """A torchvision root as ../shared has it (MNIST/raw, plain files beside the .gz): its own folder."""
+    raw = tmp_path / "shared" / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in gpu_check.MNIST_FILES:
+        (raw / name).write_bytes(name.encode())
+        (raw / f"{name}.gz").write_bytes(b"")
+    root, source = gpu_check.mnist_root(check(tmp_path, "--mnist", str(tmp_path / "shared" / "mnist")))
+    assert (root, source) == (str(tmp_path / "shared" / "mnist"), str(tmp_path / "shared" / "mnist"))
+
+
 def test_a_failing_or_hanging_step_is_a_row_and_the_deadline_skips_the_rest(tmp_path):
     c = check(tmp_path)
 

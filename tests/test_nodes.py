@@ -125,15 +125,16 @@ def test_generation_writes_every_id_once_across_a_node_kill(nodes, s3, tmp_path)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "model.pt", checkpoint_dict(randomize(PixelCNN(hidden=8, blocks=1, image_size=(8, 8))), step=1))
     s3.client.upload_file(str(tmp_path / "model.pt"), "pixelcnn", "models/nodes/model.pt")
+    # The naive sampler in batches of 8 keeps the actors sampling (~30 s of work) after the first file lands.
     args = ["--checkpoint", "s3://pixelcnn/models/nodes", "--num-samples", 1200, "--rows-per-file", 20,
-            "--num-actors", 2, "--cpus-per-actor", 0.5, "--output", "s3://pixelcnn/samples/nodes", "--address", nodes.address]
+            "--sampler", "naive", "--batch-size", 8, "--num-actors", 2, "--cpus-per-actor", 0.5, "--output", "s3://pixelcnn/samples/nodes", "--address", nodes.address]
     job = subprocess.Popen([PYTHON, "jobs/generate.py", *map(str, args)], cwd=REPO, env=nodes.job_env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "samples/nodes/")),
                  "a part file", job)
         victim = nodes.node_of("SampleShards")
-        assert victim is not None
+        assert victim is not None, "no node runs a SampleShards actor"
         nodes.kill(victim)
         out, _ = job.communicate(timeout=300)
     finally:
