@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
-from jobs.common import fail
+from jobs.common import JobError, fail
 from pixelcnn.options import flag_name
 
 
@@ -64,6 +65,19 @@ def options_of(cls, args: argparse.Namespace, parser: argparse.ArgumentParser, *
         return cls(**{name: getattr(args, name) for name in names}, **extra)
     except ValueError as error:
         parser.error(str(error))
+
+
+def class_probs(text: str | None, classes: int) -> list[float]:
+    """--label-probs (both bulk jobs): ``classes`` comma-separated weights, normalised; None: uniform."""
+    if text is None:
+        return [1.0 / classes] * classes
+    try:
+        probs = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise JobError(f"--label-probs must be comma-separated numbers, got {text!r}") from None
+    if len(probs) != classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:  # NaN fails too
+        raise JobError(f"--label-probs needs {classes} finite non-negative numbers with a positive sum")
+    return [p / sum(probs) for p in probs]
 
 
 def _base_type(hint):

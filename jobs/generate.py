@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
 from jobs.actors import ModelActor, actor_cpus  # noqa: E402
-from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
+from jobs.cli import ArgumentParser, add_options, class_probs, options_of  # noqa: E402
 from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.errors import one_line  # noqa: E402
@@ -253,15 +253,7 @@ def label_probs(request: GenerateRequest, num_classes: int) -> list[float] | Non
         if not 0 <= request.label < num_classes:
             raise JobError(f"--label {request.label} is not a class of this model (0..{num_classes - 1})")
         return [float(k == request.label) for k in range(num_classes)]
-    if request.label_probs is None:
-        return [1.0 / num_classes] * num_classes
-    try:
-        probs = [float(v) for v in request.label_probs.split(",")]
-    except ValueError:
-        raise JobError(f"--label-probs must be comma-separated numbers, got {request.label_probs!r}") from None
-    if len(probs) != num_classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:  # NaN fails too
-        raise JobError(f"--label-probs needs {num_classes} finite non-negative numbers with a positive sum")
-    return [p / sum(probs) for p in probs]
+    return class_probs(request.label_probs, num_classes)
 
 
 def upgrade(output: Storage, done: list, sampler: str):

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
 from jobs.actors import ModelActor, actor_cpus  # noqa: E402
-from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
-from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
+from jobs.cli import ArgumentParser, add_options, class_probs, options_of  # noqa: E402
+from jobs.common import Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, scan  # noqa: E402
 from jobs.generate import read_checkpoint  # noqa: E402
 from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
             test_fraction=request.test_fraction if request.split != "all" and request.own_images else None,
             image_size=list(ckpt["data_shape"][1:]) if request.resize else None,
             channels=ckpt["data_shape"][0] if request.resize else None, labels=labels,
-            label_probs=prior(request, classes) if labels == "marginal" else None, per_pixel=request.per_pixel,
+            label_probs=class_probs(request.label_probs, classes) if labels == "marginal" else None, per_pixel=request.per_pixel,
             dtype=request.dtype, shape=list(ckpt["data_shape"]), rows_per_file=request.rows_per_file,
         )
         init_ray(request.address)
@@ -368,18 +368,6 @@ def parse_args(argv=None) -> ScoreRequest:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(p, ScoreRequest)
     return options_of(ScoreRequest, p.parse_args(argv), p)
-
-
-def prior(request: ScoreRequest, classes: int) -> list[float]:
-    if request.label_probs is None:
-        return [1.0 / classes] * classes
-    try:
-        probs = [float(v) for v in request.label_probs.split(",")]
-    except ValueError:
-        raise JobError(f"--label-probs must be comma-separated numbers, got {request.label_probs!r}") from None
-    if len(probs) != classes or not all(0 <= p < math.inf for p in probs) or sum(probs) <= 0:
-        raise JobError(f"--label-probs needs {classes} finite non-negative numbers with a positive sum")
-    return [p / sum(probs) for p in probs]
 
 
 def read_bits(output: Storage, done: list) -> np.ndarray:
