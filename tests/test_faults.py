@@ -126,7 +126,7 @@ def test_sigterm_is_one_line_and_the_rerun_completes(script, checkpoint, local_r
         args = ["--checkpoint", checkpoint, "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
         ready = lambda: out.exists() and any(out.glob("part-*.parquet"))  # noqa: E731
     else:
-        args = [*SMALL, "--epochs", 30, "--checkpoint-every", 4, "--storage", out, "--name", "t"]
+        args = [*SMALL, "--epochs", 6, "--checkpoint-every", 8, "--storage", out, "--name", "t"]
         ready = (out / "t" / "checkpoint_manager_snapshot.json").exists
     job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=local_ray_env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -147,7 +147,7 @@ def test_sigterm_is_one_line_and_the_rerun_completes(script, checkpoint, local_r
     if script == "generate.py":
         assert ids_of(out) == list(range(3000))
     else:
-        assert "resuming from step" in proc.stdout and last_json_line(proc.stdout)["step"] == 240
+        assert "resuming from step" in proc.stdout and last_json_line(proc.stdout)["step"] == 48
 
 
 def test_a_request_too_large_to_plan_is_refused_at_once(checkpoint, local_ray_env, tmp_path):
@@ -160,14 +160,14 @@ def test_a_request_too_large_to_plan_is_refused_at_once(checkpoint, local_ray_en
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 2_000_000  # KiB: no 10 GB mask
 
 
-def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(local_ray_env, tmp_path):
+def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(ray_cluster, tmp_path):
     """The driver died after the run folder's model.pt (step 8) was written and before Ray Train registered
     checkpoint_000000008: the rerun resumes from step 8, not from the last registered step 4."""
-    args = [*SMALL, "--epochs", 3, "--checkpoint-every", 4, "--storage", tmp_path]
-    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=local_ray_env)
-    run_job("train.py", *args, "--max-steps", 8, "--name", "long", env=local_ray_env)
+    args = [*SMALL, "--epochs", 3, "--checkpoint-every", 4, "--storage", tmp_path, "--address", ray_cluster.address]
+    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=ray_cluster.env)
+    run_job("train.py", *args, "--max-steps", 8, "--name", "long", env=ray_cluster.env)
     shutil.copy(tmp_path / "long" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest (4)
-    proc = run_job("train.py", *args, "--max-steps", 12, "--name", "short", env=local_ray_env)
+    proc = run_job("train.py", *args, "--max-steps", 12, "--name", "short", env=ray_cluster.env)
     assert "resuming from step 8" in proc.stdout
     assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
         [4, 8, 12]

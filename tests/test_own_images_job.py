@@ -57,11 +57,12 @@ def test_a_folder_trains_with_two_workers_and_its_test_figure_is_exact(folder, r
     assert final["test_bits_per_dim"] == pytest.approx(exact, rel=1e-9)
 
 
-def test_one_and_two_workers_reach_the_same_weights_on_a_folder(folder, local_ray_env, tmp_path):
-    """Local folder, in-process Ray: the data in memory is batched by (seed, epoch, step) alone."""
+def test_one_and_two_workers_reach_the_same_weights_on_a_folder(folder, ray_cluster, tmp_path):
+    """Local folder: the data in memory is batched by (seed, epoch, step) alone."""
+    on_cluster = ["--address", ray_cluster.address]
     for workers in (1, 2):
         run_job("train.py", "--dataset", folder, *FLAGS, "--max-steps", 5, "--num-workers", workers,
-                "--storage", tmp_path, "--name", f"w{workers}", env=local_ray_env)
+                "--storage", tmp_path, "--name", f"w{workers}", *on_cluster, env=ray_cluster.env)
     one = torch.load(tmp_path / "w1" / "model.pt", weights_only=True)
     two = torch.load(tmp_path / "w2" / "model.pt", weights_only=True)
     for name, value in one["training"]["raw_state"].items():
@@ -73,7 +74,7 @@ def test_one_and_two_workers_reach_the_same_weights_on_a_folder(folder, local_ra
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "cats" / "new.png")
     try:
         proc = run_job("train.py", "--dataset", folder, *FLAGS, "--max-steps", 6, "--storage", tmp_path, "--name", "w1",
-                       env=local_ray_env, check=False)
+                       *on_cluster, env=ray_cluster.env, check=False)
         assert "was trained on other data under" in one_error_line(proc)
     finally:
         (folder / "cats" / "new.png").unlink()
@@ -148,10 +149,10 @@ def test_the_streamed_path_sees_no_image_twice_in_an_epoch(folder, local_ray_env
 
 @pytest.mark.parametrize("case", ["undecodable", "sizes", "empty", "glob", "no-column", "unlabelled", "test-empty",
                                   "bucket", "subset"])
-def test_bad_data_is_one_line_and_leaves_the_run_folder_as_it_was(case, folder, s3, local_ray_env, tmp_path):
+def test_bad_data_is_one_line_and_leaves_the_run_folder_as_it_was(case, folder, s3, ray_cluster, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    extra, env = [], {**local_ray_env, **s3.env}
+    extra = []
     if case in ("undecodable", "sizes", "unlabelled", "test-empty", "subset"):
         for k in range(40):
             Image.fromarray(np.full((8, 8, 3), k, np.uint8)).save(data / f"{k}.png")
@@ -184,7 +185,8 @@ def test_bad_data_is_one_line_and_leaves_the_run_folder_as_it_was(case, folder, 
     elif case == "subset":
         extra = ["--subset", 1000]
         expected = "--subset 1000 is more than the"
+    # On the session's cluster: a job's own in-process Ray would add ~12 s of start-up to each case.
     proc = run_job("train.py", "--dataset", data, "--batch-size", 8, *extra, "--storage", tmp_path / "runs", "--name", "bad",
-                   env=env, check=False)
+                   "--address", ray_cluster.address, env=ray_cluster.env, check=False)
     assert expected in one_error_line(proc), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists(), "a refused run must write nothing"

@@ -72,10 +72,11 @@ def test_the_mean_over_mnist_test_is_evaluates_bits_per_dim(local_ray_env, tmp_p
                    "--split", "test", "--output", tmp_path / "out", "--dtype", "float64", "--batch-size", 500,
                    "--rows-per-file", 5000, env=local_ray_env, timeout=600)
     test = load_dataset("mnist", MNIST_ROOT, train=False)
-    assert last_json_line(proc.stdout)["bits_per_dim_mean"] == pytest.approx(evaluate(model, test, batch_size=500)["bits_per_dim"], rel=1e-6)
+    expected = evaluate(model, test, batch_size=500)["bits_per_dim"]
+    assert last_json_line(proc.stdout)["bits_per_dim_mean"] == pytest.approx(expected, rel=1e-6)
     table = read(tmp_path / "out")
     assert len(table) == 10000 and table.column("source").to_pylist()[0] == "mnist:test"
-    assert np.mean(table.column("bits_per_dim").to_numpy()) == pytest.approx(evaluate(model, test, batch_size=500)["bits_per_dim"], rel=1e-9)
+    assert np.mean(table.column("bits_per_dim").to_numpy()) == pytest.approx(expected, rel=1e-9)
     assert table.column("label").to_pylist()[:5] == test.labels[:5].tolist()
 
 
@@ -142,7 +143,7 @@ def test_a_killed_actor_and_a_lost_file_still_give_every_image_once(ray_cluster,
 
 
 @pytest.mark.parametrize("case", ["size", "missing-checkpoint", "undecodable", "split-empty", "foreign"])
-def test_bad_input_is_one_line_and_writes_nothing(case, local_ray_env, tmp_path):
+def test_bad_input_is_one_line_and_writes_nothing(case, ray_cluster, tmp_path):
     save_model(tmp_path / "model", image_size=(6, 6))
     images = grey_folder(tmp_path / "images", 10, size=(7, 6) if case == "size" else (6, 6))
     out, checkpoint, extra = tmp_path / "out", tmp_path / "model", []
@@ -155,8 +156,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, local_ray_env, tmp_path)
     elif case == "foreign":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
-    proc = run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, *extra,
-                   env=local_ray_env, check=False)
+    on_cluster = ["--address", ray_cluster.address]  # the session's cluster: no Ray start-up per case
+    proc = run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, *extra, *on_cluster,
+                   env=ray_cluster.env, check=False)
     expected = {"size": "the model takes images [1, 6, 6] (C, H, W), and 000.png is 7x6 L: pass --resize",
                 "missing-checkpoint": "checkpoint not found", "undecodable": "003.png is not a decodable image",
                 "split-empty": "the test split of", "foreign": "holds files that are not this job's (notes.txt)"}[case]
@@ -166,5 +168,6 @@ def test_bad_input_is_one_line_and_writes_nothing(case, local_ray_env, tmp_path)
     else:
         assert not out.exists()
     if case == "size":  # --resize takes them
-        run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, "--resize", env=local_ray_env)
+        run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, "--resize", *on_cluster,
+                env=ray_cluster.env)
         assert len(read(out)) == 10
