@@ -4,10 +4,18 @@
     .venv/bin/python benchmarks/generation.py --gpus-per-actor 1 --num-actors 1 \\
         --hidden 128 --blocks 15 --num-samples 200000 --batch-size 4096          # one GPU
     ... --sampler fused --dtype bfloat16                                         # the job's faster GPU settings
+    .venv/bin/python benchmarks/generation.py --encode-only                      # the encode rate alone
 
 The bare loop is ``pixelcnn.sample`` in this process using every CPU thread (or the GPU). The job is
 ``jobs/generate.py`` with an in-process Ray: actors, PNG encoding, Parquet writes and Ray's start-up
 all counted (the job's own summary line: samples / seconds). Their ratio is the job's efficiency.
+
+Then the encode rate: rows/s of ``jobs.generate.encode_rows`` (PNG encoding and the Arrow table, the CPU
+tasks' work) on --encode-batch 28x28 samples in this process, one core (PIL encodes on the calling
+thread), best and median of three; on the bare loop's own samples (noise, for a fresh model) and on as
+many MNIST test images (what a trained model's samples look like) when --data-dir holds MNIST. From it,
+the share of a GPU actor's time that encoding would take had it stayed in the actor, serially after
+sampling at --gpu-rate samples/s: (1 / encode rate) / (1 / gpu rate + 1 / encode rate).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -42,6 +52,12 @@ def main() -> None:
     p.add_argument("--gpus-per-actor", type=float, default=0)
     p.add_argument("--sampler", choices=SAMPLERS, default="cached", help="as generate.py's (fused: GPU only)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="as generate.py's")
+    p.add_argument("--encode-only", action="store_true", help="only the encode rate (samples drawn untimed), no job")
+    p.add_argument("--encode-batch", type=int, default=4096, help="rows per encode_rows call timed")
+    p.add_argument("--gpu-rate", type=float, default=6000.0, help="samples/s of one GPU actor's sampler to set the "
+                   "encode rate against (default: the H100's, reference model, bf16, batch 4096, docs/benchmarks.md)")
+    p.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "mnist"),
+                   help="MNIST's torchvision root, for the encode rate on MNIST images (skipped if absent)")
     args = p.parse_args()
     device = "cuda" if args.gpus_per_actor else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,12 +67,16 @@ def main() -> None:
             checkpoint = os.path.join(tmp, "model.pt")
             save_checkpoint(checkpoint, checkpoint_dict(PixelCNN(hidden=args.hidden, blocks=args.blocks), step=0))
         model = load_model(checkpoint, device=device).to(getattr(torch, args.dtype))
+        if args.encode_only:
+            samples = sample(model, args.encode_batch, batch_size=args.batch_size, sampler=args.sampler).images
+            encode_figures(samples.cpu().numpy(), args)
+            return
 
         # The bare loop: the same samples (ids 0..N-1, same batch size) in this process.
         opts = dict(batch_size=args.batch_size, sampler=args.sampler)
-        sample(model, min(args.batch_size, 8), **opts)  # warm-up
+        sample(model, args.batch_size, **opts)  # warm-up at the timed batch shape (first calls allocate)
         start = time.perf_counter()
-        sample(model, args.num_samples, **opts)
+        drawn = sample(model, args.num_samples, **opts)
         if device == "cuda":
             torch.cuda.synchronize()
         bare = args.num_samples / (time.perf_counter() - start)
@@ -81,6 +101,46 @@ def main() -> None:
     print(f"whole job:         {whole:.1f} samples/s ({args.num_actors} actors, {summary['seconds']:.1f} s incl. Ray start-up)")
     print(f"ratio job / bare:  {whole / bare:.2f}")
     print(f"one million samples at this rate: {1e6 / whole / 3600:.1f} hours on this machine")
+    encode_figures(drawn.images[:args.encode_batch].cpu().numpy(), args)
+
+
+def encode_rate(images: np.ndarray, repeats: int = 3) -> tuple[float, float]:
+    """(best, median) rows/s of ``jobs.generate.encode_rows`` on ``images`` (uint8 [N, C, H, W]), one call each."""
+    import statistics
+
+    from jobs.generate import Manifest, encode_rows
+
+    n = len(images)
+    manifest = Manifest(checkpoint="benchmark", model_sha256="0" * 64, seed=0, temperature=1.0, label_probs=None,
+                        dtype="float32", sampler="cached", rows_per_file=n, data_shape=list(images.shape[1:]))
+    batch = {"id": np.arange(n, dtype=np.int64), "image": np.ascontiguousarray(images, dtype=np.uint8),
+             "log_prob": np.full(n, -700.0), "label": np.full(n, -1)}
+    encode_rows({k: v[:8] for k, v in batch.items()}, manifest)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        table = encode_rows(batch, manifest)
+        rates.append(n / (time.perf_counter() - started))
+        assert table.num_rows == n
+    return max(rates), statistics.median(rates)
+
+
+def encode_figures(samples: np.ndarray, args) -> None:
+    batches = {"samples": samples}
+    try:
+        from pixelcnn import load_dataset
+
+        if samples.shape[1:] == (1, 28, 28):
+            batches["MNIST images"] = load_dataset("mnist", args.data_dir, train=False).images[:len(samples)].numpy()
+    except Exception as error:  # no MNIST here: the samples' figure alone
+        print(f"(no MNIST under {args.data_dir}: {type(error).__name__})")
+    for name, images in batches.items():
+        best, median = encode_rate(images)
+        share = (1 / best) / (1 / args.gpu_rate + 1 / best)
+        print(f"encode rate ({name}): {best:,.0f} rows/s per core (median of 3: {median:,.0f}; {len(images)} rows "
+              f"{'x'.join(map(str, images.shape[1:]))})")
+        print(f"encoding in the actor at {args.gpu_rate:,.0f} samples/s ({name}): {100 * share:.0f}% of its time, "
+              f"{1 / (1 / args.gpu_rate + 1 / best):,.0f} samples/s instead of {args.gpu_rate:,.0f}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,57 @@ def test_generation_benchmark_runs_the_job_beside_the_bare_loop(local_ray_env):
     figures = {line.split(":")[0]: line.split(":")[1].split()[0] for line in out.splitlines() if ":" in line}
     bare, whole, ratio = (float(figures[k]) for k in ("bare sampler loop", "whole job", "ratio job / bare"))
     assert bare > 0 and whole > 0 and ratio == pytest.approx(whole / bare, abs=0.01)
+
+
+def test_generation_benchmark_measures_the_encode_rate():
+    out = run_benchmark("generation.py", "--encode-only", "--hidden", "8", "--blocks", "1", "--batch-size", "32",
+                        "--encode-batch", "64", "--gpu-rate", "6000")
+    rates = [line for line in out.splitlines() if line.startswith("encode rate (")]
+    shares = [line for line in out.splitlines() if line.startswith("encoding in the actor at 6,000 samples/s")]
+    assert len(rates) == len(shares) >= 1
+    for rate, share in zip(rates, shares):
+        per_core = float(rate.split(": ")[1].split()[0].replace(",", ""))
+        percent = float(share.split(": ")[1].split("%")[0])
+        assert per_core > 0 and percent == pytest.approx(100 * 6000 / (6000 + per_core), abs=1)
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_decodes_and_delivers_every_source(local_ray_env, tmp_path):
+    out = tmp_path / "rows.json"
+    run_benchmark("ingest.py", "--images", "256", "--decode-images", "32", "--steps", "0", "--json", str(out),
+                  env=local_ray_env)
+    rows = json.loads(out.read_text())
+    got = {(r["measure"], r["source"], r.get("path")) for r in rows}
+    own = ("folder", "s3", "parquet")
+    assert got == ({("decode", s, None) for s in ("memory", *own)} | {("scan", s, None) for s in own}
+                   | {("deliver", s, p) for s in own for p in ("in memory", "streamed")} | {("deliver", "memory", "in memory")})
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["images"] > 0
+    # the training split (~95% of the 256 images by the hashed split) is what a worker gets
+    assert all(200 < r["images"] < 256 for r in rows if r["measure"] == "deliver" and r["path"] == "in memory"
+               and r["source"] != "memory")
+
+
+@pytest.mark.slow
+def test_ingest_benchmark_trains_from_a_folder(local_ray_env, tmp_path):
+    out = tmp_path / "rows.json"
+    text = run_benchmark("ingest.py", "--images", "300", "--measures", "train", "--sources", "folder", "--steps", "3",
+                         "--log-every", "1", "--no-streamed", "--json", str(out), env=local_ray_env)
+    train = [r for r in json.loads(out.read_text()) if r["measure"] == "train"]
+    assert [(r["source"], r["path"], r["first_step"], r["last_step"]) for r in train] == [("folder", "in memory", 1, 3)]
+    assert train[0]["images_per_s"] > 0 and train[0]["metric_images_per_s"] > 0 and train[0]["job_s"] > 0
+    assert "train folder (in memory):" in text
+
+
+@pytest.mark.slow
+def test_scoring_benchmark_runs_the_job_beside_the_bare_forward_pass(local_ray_env, tmp_path):
+    out = tmp_path / "figures.json"
+    text = run_benchmark("scoring.py", "--source", "folder", "--num-images", "64", "--batch-size", "32",
+                         "--rows-per-file", "32", "--num-actors", "1", "--hidden", "8", "--blocks", "1",
+                         "--json", str(out), env=local_ray_env)
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 64 and figures["bare_images_per_s"] > 0 and figures["job_images_per_s"] > 0
+    assert figures["ratio_job_pipeline"] == pytest.approx(figures["job_images_per_s"] / figures["bare_images_per_s"])
+    assert figures["job_wall_images_per_s"] < figures["job_images_per_s"]  # the wall clock holds the pipeline and more
+    lines = {line.split(":")[0] for line in text.splitlines() if ":" in line}
+    assert {"bare forward pass", "whole job", "ratio job / bare", "ratio job wall clock / bare"} <= lines
