@@ -71,13 +71,30 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
             "train": [PYTHON, "jobs/train.py", *map(str, SMALL), "--epochs", 40, "--checkpoint-every", 2,
                       "--storage", "s3://lost/runs"],
         }
+        logs = {name: tmp_path / f"{name}.err" for name in jobs}  # files: a full pipe would stall a job
         procs = {name: subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True) for name, cmd in jobs.items()}
-        time.sleep(25)  # both are writing by now
+                                        stderr=open(logs[name], "w")) for name, cmd in jobs.items()}
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+
+        def keys() -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket="lost")
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+        def writing(found) -> bool:  # a part file and a checkpoint: both jobs are past their start, mid-run
+            return any("/part-" in k for k in found) and any("/checkpoint_" in k for k in found)
+
+        deadline = time.time() + 240
+        while not writing(found := keys()):
+            assert time.time() < deadline and all(p.poll() is None for p in procs.values()), \
+                (found[:20], {name: logs[name].read_text()[-1500:] for name in jobs})
+            time.sleep(0.5)
+        assert all(p.poll() is None for p in procs.values()), "a job ended before the endpoint went away"
         server.kill()
         server.wait()
         for name, proc in procs.items():
-            _, err = proc.communicate(timeout=300)
+            proc.wait(timeout=300)
+            err = logs[name].read_text()
             line = [x for x in err.splitlines() if x.strip()][-1]
             assert proc.returncode == 2 and line.startswith("error:"), f"{name}: {err[-3000:]}"
             assert endpoint in line and ("connect" in line.lower() or "network" in line.lower()), f"{name}: {line}"
