@@ -67,6 +67,7 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
                      region_name="us-east-1").create_bucket(Bucket="lost")
         jobs = {
             "generate": [PYTHON, "jobs/generate.py", "--checkpoint", checkpoint, "--num-samples", 3000,
+                         "--sampler", "naive",  # slow on purpose: still mid-run when the train job first checkpoints
                          "--rows-per-file", 20, "--output", "s3://lost/samples"],
             "train": [PYTHON, "jobs/train.py", *map(str, SMALL), "--epochs", 40, "--checkpoint-every", 2,
                       "--storage", "s3://lost/runs"],
