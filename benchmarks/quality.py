@@ -37,7 +37,7 @@ MNIST_TRAIN_IMAGES = 60000
 def seconds_per_step(cfg: TrainConfig, device: str) -> float:
     """Mean time of a training step as the loop runs it (channels_last on a GPU, as ``train`` does)."""
     warmup, steps = (5, 20) if device == "cuda" else (1, 3)
-    model_class, _ = MODELS[cfg.model]
+    model_class = MODELS[cfg.model]
     model = model_class(cfg.model_config()).to(device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -51,7 +51,7 @@ def seconds_per_step(cfg: TrainConfig, device: str) -> float:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast:
-            loss = loss_per_dim(model_logits(step_model, levels), levels)
+            loss = loss_per_dim(model_logits(step_model, levels), levels, model.config.distribution())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -115,7 +115,7 @@ def main() -> None:
                 stem, ext = os.path.splitext(args.grid)
                 with open(f"{stem}-{cfg.model}{ext or '.png'}", "wb") as f:
                     f.write(grid_png(sample(model, 64, seed=0, batch_size=64).images))
-        params = sum(t.numel() for t in MODELS[cfg.model][0](cfg.model_config()).parameters())
+        params = sum(t.numel() for t in MODELS[cfg.model](cfg.model_config()).parameters())
         rows.append((name, params, steps, wall, metrics["test_bits_per_dim"], metrics["test_bits_per_dim_raw"]))
         print(f"{name:34s} {params / 1e6:5.2f}M params  {steps:5d} steps  {wall:6.0f} s (incl. eval)  "
               f"test {metrics['test_bits_per_dim']:.4f} bits/dim (EMA), {metrics['test_bits_per_dim_raw']:.4f} (raw)",

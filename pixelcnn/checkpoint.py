@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors and primitives, so ``torch.load(..., wei
 loads it without executing any pickled code:
 
     format         "pixelcnn-checkpoint/1"
-    model_class    "PixelCNN" | ...           -> models.MODEL_CLASSES
+    model_class    "PixelCNN" | "GatedPixelCNN" | "PixelCNNpp" -> models.MODEL_CLASSES
     model_config   dict of the model's config dataclass
     model_state    state_dict (weights used for sampling/evaluation; EMA weights when trained with EMA)
     data_shape     [C, H, W] of the training images

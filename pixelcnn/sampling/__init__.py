@@ -4,8 +4,8 @@ Sample k depends only on (model, seed, k, temperature): its random stream is a h
 (``streams.py``). Three samplers draw the same images, up to float rounding at CDF boundaries:
 
 * ``"naive"`` (``naive.py``): one full forward pass per pixel and channel; the oracle.
-* ``"cached"`` (the default; ``steppers.py`` over ``cache.py``): each step computes every layer at the new
-  position only, from caches of the last rows each conv can reach.
+* ``"cached"`` (the default; ``steppers.py`` over ``cache.py``, PixelCNN++: ``pixelcnnpp.py``): each step
+  computes every layer at the new position only, from caches of the last rows each conv can reach.
 * ``"fused"`` (``fused.py``, PixelCNN on CUDA): the cached loop with each pixel step one Triton kernel.
 
 On CUDA the cached and fused loops are replayed from CUDA graphs (``graphs.py``). docs/sampling.md
@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributions import draw
 from ..models import PixelCNN
 from .graphs import run_graphed
 from .naive import sample_naive
 from .steppers import Stepper, cached_stepper
-from .streams import check_seed, draw, labels_for_ids, sample_uniforms
+from .streams import check_seed, labels_for_ids, sample_uniforms
 
 SAMPLERS = ("cached", "naive", "fused")
 
@@ -56,6 +57,8 @@ def sample(
     ``labels`` (conditional models): one class for all samples, or one per sample.
     Sampling runs where the model is, in its dtype (``model.to("cuda")`` first to sample on a GPU).
     ``sampler``: "cached", "naive" or "fused" (PixelCNN on CUDA devices, one Triton kernel per pixel step).
+    ``temperature`` sharpens each subpixel's exact conditional p to p^(1/T), for every model family
+    (softmax logits / T; PixelCNN++'s mixture alike, through its exact probabilities of the 256 levels).
     ``cuda_graph`` (cached and fused samplers on CUDA): replay the sampling loop as one CUDA graph once a
     batch shape repeats; the images are the same either way. A model's graphs have fixed input and output
     buffers: do not sample one model from several threads at once.

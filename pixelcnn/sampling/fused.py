@@ -167,7 +167,7 @@ def pixel_step(
            True, False, False, False, ACC, PRECISION, BLOCK_ROWS, BLOCK_K, BLOCK_N)
     tl.debug_barrier()
 
-    # The draw, as streams.draw does it: float64 softmax at the temperature, inverse CDF against u,
+    # The draw, as distributions.draw does it: float64 softmax at the temperature, inverse CDF against u,
     # log-prob at temperature 1.
     m = tl.arange(0, BLOCK_ROWS)
     m_ok = m < rows

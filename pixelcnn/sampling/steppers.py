@@ -1,6 +1,7 @@
 """Model steppers: the raster loop of the cached sampler, and what PixelCNN and Gated PixelCNN compute
-at each step from their caches (``cache.py``). A stepper is built for one batch size and can run any
-number of batches of that size; ``pixelcnn.sampling.make_stepper`` picks the one for a model.
+at each step from their caches (``cache.py``; PixelCNN++'s stepper is in ``pixelcnnpp.py``). A stepper is
+built for one batch size and can run any number of batches of that size; ``pixelcnn.sampling.make_stepper``
+picks the one for a model.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data import levels_to_input
-from ..models import GatedPixelCNN, PixelCNN, StackConv2d, gate, scale_input
+from ..models import GatedPixelCNN, PixelCNN, PixelCNNpp, StackConv2d, gate, scale_input
 from .cache import CachedConv, Pointwise, RowConv, pointwise_norm
-from .streams import draw
+from ..distributions import draw
 
 
 class Stepper:
@@ -190,7 +191,10 @@ class GatedStepper(Stepper):
         return logits.view(logits.shape[0], self.cfg.levels, self.cfg.in_channels)
 
 
-CACHED_STEPPERS: dict[type, type] = {PixelCNN: PixelCNNStepper, GatedPixelCNN: GatedStepper}
+# PixelCNN++'s stepper lives in its own module; it subclasses Stepper, so it is imported once Stepper exists.
+from .pixelcnnpp import PixelCNNppStepper  # noqa: E402
+
+CACHED_STEPPERS: dict[type, type] = {PixelCNN: PixelCNNStepper, GatedPixelCNN: GatedStepper, PixelCNNpp: PixelCNNppStepper}
 
 
 def cached_stepper(model, batch: int, dtype, device) -> Stepper:

@@ -61,13 +61,3 @@ def labels_for_ids(seed: int, ids: Sequence[int] | np.ndarray, probs: Sequence[f
     cdf = torch.tensor(np.cumsum(probs) / np.sum(probs), dtype=torch.float64)
     u = sample_uniforms(seed, ids, 1, stream=1)[:, 0]
     return (cdf[None, :] <= u[:, None]).sum(1).clamp_(max=len(probs) - 1)
-
-
-def draw(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse-CDF draw of one level per row of ``logits [B, L]``; returns (levels, log p at T=1)."""
-    logits = logits.double()
-    cdf = torch.softmax(logits if temperature == 1 else logits / temperature, dim=-1).cumsum(-1)
-    # levels whose cumulative probability is <= u come before it (so u = 0 skips a probability-0 level)
-    level = (cdf <= u[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
-    log_prob = torch.log_softmax(logits, dim=-1).gather(1, level[:, None])[:, 0]
-    return level, log_prob
