@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import BinaryIO, Callable
 
 
@@ -13,7 +13,10 @@ def write_atomically(path: str | os.PathLike, data: bytes | Callable[[BinaryIO],
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+    # Created with mode 0666, so that the kernel applies the umask (and a folder's default ACL) as open()
+    # does: tempfile.mkstemp's 0600 would make every model, metrics file and part file its owner's alone.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data) if isinstance(data, (bytes, bytearray, memoryview)) else data(f)
