@@ -122,12 +122,21 @@ class Manifest:
     sampler: str = option(identity=True, help="")
     rows_per_file: int = 10000  # the layout: a rerun writes the files of the one the output was started with
     data_shape: list[int] = dataclasses.field(default_factory=list)
+    kind: str = "generation"  # which job's output: a scoring job is refused it as such (jobs/outputs.py)
+
+
+# Ids always start at 0: a second output of the same request would hold the same images.
+SPLIT = "split the request into outputs of at most {ids} --num-samples each, each with its own --seed"
 
 
 def main(argv=None) -> dict:
     request = parse_args(argv)
     with one_error_line("generation", request.s3_endpoint):
         checkpoint_uri, checkpoint, ckpt = read_model(request)
+        # A layout no run could finish is refused before anything starts, naming values that would work.
+        row_bytes = shard_row_bytes(ckpt["data_shape"], checkpoint_uri)
+        outputs.check_rows_per_file(request.rows_per_file, row_bytes)
+        outputs.check_files(request.num_samples, request.rows_per_file, row_bytes, SPLIT)
         output = open_storage(request.output, request.s3_endpoint)
         check_bucket(output)  # reading only: a request refused below leaves the output as it was
         manifest = Manifest(
@@ -138,27 +147,35 @@ def main(argv=None) -> dict:
         )
         manifest, done, shards = outputs.resume(
             output, manifest, request.num_samples, repair_overlaps=request.repair,
-            upgrade=upgrade(output, outputs.part_ranges(output), manifest.sampler))
+            upgrade=upgrade(output, outputs.part_ranges(output), manifest.sampler), row_bytes=row_bytes, split=SPLIT)
         todo = sum(end - start for start, end in shards)
-        started = time.perf_counter()
-        if todo:
-            run_pipeline(request, output, checkpoint, manifest, shards, bool(done))
-        seconds = time.perf_counter() - started
+        started = time.time()
+        pipeline_started = run_pipeline(request, output, checkpoint, manifest, shards, bool(done)) if todo else None
+        times = outputs.timings(todo, started, pipeline_started, time.time())
         done = outputs.part_ranges(output)
         if request.preview and (todo or output.read(PREVIEW) is None):  # a finished rerun writes nothing
             write_preview(output, done, min(request.preview, request.num_samples))
     summary = {
-        "samples": todo, "seconds": round(seconds, 3), "samples_per_s": round(todo / seconds, 2) if todo else 0.0,
+        "samples": todo, "seconds": times["seconds"], "samples_per_s": times["per_s"],
+        "startup_seconds": times["startup_seconds"], "pipeline_seconds": times["pipeline_seconds"],
+        "pipeline_samples_per_s": times["pipeline_per_s"],
         "total_rows": outputs.rows_held(done), "files": len(done), "output": output.uri,
     }
-    print(f"generated {todo} samples in {seconds:.1f} s ({summary['samples_per_s']:.1f} samples/s); "
+    print(f"generated {todo} samples in {outputs.timing_text(times, 'samples')}; "
           f"{output.uri} holds {summary['total_rows']} rows in {summary['files']} files", flush=True)
     print(json.dumps(summary), flush=True)
     return summary
 
 
+def shard_row_bytes(data_shape, checkpoint_uri: str) -> int:
+    """What a row of a shard takes in memory, at most: its raw image (an actor's result), its PNG (no
+    larger than the raw bytes plus a filter byte per image row and headers) and the other columns."""
+    return 2 * math.prod(data_shape) + len(checkpoint_uri) + outputs.ROW_OVERHEAD
+
+
 def run_pipeline(request: GenerateRequest, output: Storage, checkpoint: bytes, manifest: Manifest, shards: list,
-                 has_parts: bool) -> None:
+                 has_parts: bool) -> float | None:
+    """Sample and write ``shards``; returns when the first shard reached an actor (time.time())."""
     import ray
 
     init_ray(request.address)
@@ -177,7 +194,9 @@ def run_pipeline(request: GenerateRequest, output: Storage, checkpoint: bytes, m
         rows = samples.map_batches(encode_rows, batch_size=None, num_cpus=ENCODE_CPUS, fn_kwargs={"manifest": manifest})
         # Write tasks take a fraction of a CPU: a whole one (Ray's default) would not fit in what the actors
         # leave, and every file would wait until the last shard was sampled.
-        rows.write_datasink(outputs.make_sink(output, SAMPLE_SCHEMA), ray_remote_args={"num_cpus": WRITE_CPUS})
+        sink = outputs.make_sink(output, SAMPLE_SCHEMA)
+        rows.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        return sink.started
 
 
 class SampleShards(ModelActor):
@@ -188,23 +207,26 @@ class SampleShards(ModelActor):
         self.manifest = manifest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.time()
         m = self.manifest
         ids = np.arange(int(batch["start"][0]), int(batch["end"][0]), dtype=np.int64)
         labels = None if m.label_probs is None else labels_for_ids(m.seed, ids, m.label_probs)
         out = sample(self.model, ids=ids, seed=m.seed, temperature=m.temperature, sampler=m.sampler,
                      batch_size=self.batch_size, labels=labels)
         return {"id": ids, "image": out.images.numpy(), "log_prob": out.log_prob.numpy(),
-                "label": np.full(len(ids), -1) if labels is None else labels.numpy()}
+                "label": np.full(len(ids), -1) if labels is None else labels.numpy(),
+                outputs.STARTED: np.full(len(ids), started)}
 
 
 def encode_rows(batch: dict[str, np.ndarray], manifest: Manifest):
     """Raw samples -> rows in SAMPLE_SCHEMA (PNG encoding): a CPU task of its own."""
     labels = None if manifest.label_probs is None else batch["label"]
-    return sample_table(
+    table = sample_table(
         batch["id"], batch["image"], batch["log_prob"], labels,
         seed=manifest.seed, temperature=manifest.temperature, sampler=manifest.sampler, dtype=manifest.dtype,
         checkpoint=manifest.checkpoint, model_sha256=manifest.model_sha256,
     )
+    return outputs.pass_started(batch, table)
 
 
 # --- before the pipeline: the request, the model, what the output holds ---------------------------

@@ -5,7 +5,8 @@ ids, a manifest, a lease, and the atomic Parquet sink.
   under a temporary name and renamed (an S3 PUT is atomic already): a visible part file is complete,
   and its name says which ids it holds, so what is done is read from the listing alone (no file is
   opened) and a rerun writes only the ranges missing.
-* ``_manifest.json`` records what the output holds (the request's identity fields): it is created
+* ``_manifest.json`` records what the output holds (the request's identity fields, and which job's output
+  it is: ``kind``, generation or scoring): it is created
   exclusively, so of two requests racing for a fresh output one claims it, and a rerun that contradicts
   it is refused. The ranges are cut at multiples of the manifest's ``rows_per_file``, so every writer
   of an output writes the same files.
@@ -38,6 +39,10 @@ MANIFEST = "_manifest.json"
 LEASE = "_lease.json"
 PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
 MAX_FILES = 100_000  # part files one request may plan: its plan and Ray Data's items stay small
+# What one shard (one part file) may take in memory: an actor, an encode task and a write task each hold
+# a whole shard, so a larger one could exhaust a node and never finish.
+SHARD_BYTES = 2**30
+ROW_OVERHEAD = 1024  # bytes a row takes beyond its images: its other columns, Python's and Arrow's per-object costs
 LEASE_RENEW_S = 10.0
 LEASE_STALE_S = 60.0  # a lease not renewed for this long belongs to a job that is gone
 
@@ -95,13 +100,53 @@ def repair(output: Storage, ranges: list) -> list[tuple[int, int, str]]:
     return sorted(kept)
 
 
-def plan(num_ids: int, done: list[tuple[int, int, str]], rows_per_file: int) -> list[tuple[int, int]]:
-    """Half-open id ranges still to write: the gaps left by ``done`` in 0..num_ids-1, cut at multiples of
-    ``rows_per_file``. O(files), never O(ids); a request of more than MAX_FILES files is refused."""
+def most_rows_per_file(row_bytes: int) -> int:
+    """The rows of ``row_bytes`` each that one shard may hold (SHARD_BYTES)."""
+    return max(1, SHARD_BYTES // row_bytes)
+
+
+def check_rows_per_file(rows_per_file: int, row_bytes: int) -> None:
+    """Refuse a --rows-per-file whose shards would not fit in SHARD_BYTES: an actor would hold one whole
+    and the run might never finish. On the flag itself, not on this request's ids: an output keeps its
+    layout, and a rerun may ask for more ids."""
+    most = most_rows_per_file(row_bytes)
+    if rows_per_file > most:
+        raise JobError(f"--rows-per-file {rows_per_file} makes shards of {rows_per_file * row_bytes / 2**30:.1f} GiB "
+                       f"(~{row_bytes} bytes a row of these images), more than the {SHARD_BYTES / 2**30:g} GiB one "
+                       f"actor may hold: use --rows-per-file {most} or less")
+
+
+SPLIT = "split the request into outputs of at most {ids} ids each"
+
+
+def check_files(num_ids: int, rows_per_file: int, row_bytes: int | None = None, split: str = SPLIT) -> None:
+    """Refuse a request of more than MAX_FILES part files, naming the --rows-per-file values that would
+    take it (within ``check_rows_per_file``'s bound, given ``row_bytes``), or, where none would, ``split``
+    (given the most ``ids`` one output can take)."""
     files = -(-num_ids // rows_per_file)
-    if files > MAX_FILES:
-        raise JobError(f"{num_ids} ids at {rows_per_file} per file make {files} part files, more than the "
-                       f"{MAX_FILES} one output takes: raise --rows-per-file")
+    if files <= MAX_FILES:
+        return
+    fewest = -(-num_ids // MAX_FILES)
+    most = None if row_bytes is None else most_rows_per_file(row_bytes)
+    if most is None:
+        advice = f"raise --rows-per-file to {fewest} or more"
+    elif fewest < most:
+        advice = f"raise --rows-per-file to between {fewest} and {most}"
+    elif fewest == most:
+        advice = f"use --rows-per-file {most}"
+    else:
+        advice = (f"no --rows-per-file takes it (above {most}, shards exceed {SHARD_BYTES / 2**30:g} GiB): "
+                  + split.format(ids=MAX_FILES * most))
+    raise JobError(f"{num_ids} ids at {rows_per_file} per file make {files} part files, more than the "
+                   f"{MAX_FILES} one output takes: {advice}")
+
+
+def plan(num_ids: int, done: list[tuple[int, int, str]], rows_per_file: int, *, row_bytes: int | None = None,
+         split: str = SPLIT) -> list[tuple[int, int]]:
+    """Half-open id ranges still to write: the gaps left by ``done`` in 0..num_ids-1, cut at multiples of
+    ``rows_per_file``. O(files), never O(ids); a request of more than MAX_FILES files is refused
+    (``check_files``)."""
+    check_files(num_ids, rows_per_file, row_bytes, split)
     shards, covered = [], [(a, b) for a, b, _ in done if a < num_ids]
     k = 0
     for start in range(0, num_ids, rows_per_file):
@@ -132,18 +177,36 @@ def identity(manifest) -> dict:
     return {f.name: getattr(manifest, f.name) for f in fields(manifest) if f.metadata.get("identity")}
 
 
-def check_manifest(output: Storage, manifest, *, has_parts: bool, upgrade=None) -> dict | None:
-    """Refuse an output that holds rows of another request (or of something else). ``upgrade`` fills what
-    an older job's manifest lacks (or refuses it). Returns the stored manifest, if any."""
+# The job that wrote a manifest from before its ``kind`` was recorded, by a field only its manifests hold.
+KIND_FIELDS = {"generation": "temperature", "scoring": "data_fingerprint"}
+
+
+def check_kind(output: Storage, manifest) -> dict | None:
+    """The stored manifest, if any; an output of the other bulk job is refused as such (its fields would
+    otherwise all differ from this request's), reading only."""
     stored = output.read(MANIFEST)
     if stored is None:
-        if has_parts:
-            raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
         return None
     try:
         stored = json.loads(stored)
     except ValueError:
-        raise JobError(f"{output.uri}/{MANIFEST} is not valid JSON: not an output of this job") from None
+        stored = None
+    if not isinstance(stored, dict):
+        raise JobError(f"{output.uri}/{MANIFEST} is not a JSON object: not an output of this job")
+    kind = stored.get("kind") or next((k for k, field in KIND_FIELDS.items() if field in stored), None)
+    if kind is not None and kind != manifest.kind:
+        raise JobError(f"{output.uri} is a {kind} output, not a {manifest.kind} one: use another --output")
+    return stored
+
+
+def check_manifest(output: Storage, manifest, *, has_parts: bool, upgrade=None) -> dict | None:
+    """Refuse an output that holds rows of another request (or of something else). ``upgrade`` fills what
+    an older job's manifest lacks (or refuses it). Returns the stored manifest, if any."""
+    stored = check_kind(output, manifest)
+    if stored is None:
+        if has_parts:
+            raise JobError(f"{output.uri} holds part files but no {MANIFEST}: not an output of this job")
+        return None
     if upgrade is not None:
         stored = upgrade(stored)
     wanted = identity(manifest)
@@ -171,10 +234,11 @@ def claim(output: Storage, manifest, *, has_parts: bool, upgrade=None) -> None:
                        f"{stored['rows_per_file']}: rerun to write its layout")
 
 
-def resume(output: Storage, manifest, num_ids: int, *, repair_overlaps: bool = False, upgrade=None):
+def resume(output: Storage, manifest, num_ids: int, *, repair_overlaps: bool = False, upgrade=None,
+           row_bytes: int | None = None, split: str = SPLIT):
     """What a request still has to write into ``output``: (its manifest, in the output's own layout; the
     part files there; the shards to write). Refuses an output of another request or of something else,
-    reading only."""
+    and one of too many files (``plan``), reading only."""
     done = part_ranges(output)
     stored = check_manifest(output, manifest, has_parts=bool(done), upgrade=upgrade)
     if stored and stored.get("rows_per_file", manifest.rows_per_file) != manifest.rows_per_file:
@@ -184,7 +248,7 @@ def resume(output: Storage, manifest, num_ids: int, *, repair_overlaps: bool = F
     if repair_overlaps:
         done = repair(output, done)
     check_ours(output, done)
-    return manifest, done, plan(num_ids, done, manifest.rows_per_file)
+    return manifest, done, plan(num_ids, done, manifest.rows_per_file, row_bytes=row_bytes, split=split)
 
 
 def _jsonable(value):
@@ -269,26 +333,70 @@ class Lease:
 # --- the sink ------------------------------------------------------------------------------------
 
 
+# A column the pipeline adds to its rows: when (time.time(), on the node) their shard reached a model
+# actor. The sink drops it and hands the earliest back to the driver (``sink.started``), where it parts
+# the job's start-up (Ray, the actors) from the pipeline's own time.
+STARTED = "_started"
+
+
+def pass_started(batch: dict, table: pa.Table) -> pa.Table:
+    """``table`` (a block's rows) with the ``batch``'s STARTED column, if it has one, for the sink."""
+    if STARTED not in batch:  # rows built outside the pipeline (a benchmark)
+        return table
+    return table.append_column(STARTED, pa.array(batch[STARTED], pa.float64()))
+
+
 def make_sink(output: Storage, schema: pa.Schema):
     """A Ray Data sink writing each block as part files named by their ids, never visible half-written."""
     from ray.data import Datasink
     from ray.data.block import BlockAccessor
 
     class AtomicParquetSink(Datasink):
-        def write(self, blocks, ctx) -> int:
+        started = None  # set in the driver once the write completes
+
+        def write(self, blocks, ctx) -> dict:
             # A write task may run on any node: a local --output must be a folder they all share.
             if not output.s3 and output.read(MANIFEST) is None:
                 raise JobError(f"{output.uri} on node {socket.gethostname()} lacks the driver's {MANIFEST}: a local "
                                "--output must be a folder every node shares (or use s3://)")
-            rows = 0
+            rows, started = 0, []
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
+                if STARTED in table.column_names:
+                    if table.num_rows:
+                        started.append(min(table.column(STARTED).to_pylist()))
+                    table = table.drop_columns([STARTED])
                 if table.num_rows:
                     write_part(output, table, schema)
                     rows += table.num_rows
-            return rows
+            return {"rows": rows, "started": min(started, default=None)}
+
+        def on_write_complete(self, write_result) -> None:
+            times = [r["started"] for r in write_result.write_returns if r["started"] is not None]
+            self.started = min(times, default=None)
 
     return AtomicParquetSink()
+
+
+def timings(rows: int, started: float, pipeline_started: float | None, ended: float) -> dict:
+    """A bulk job's seconds (``time.time()`` at ``started`` and ``ended``), parted where its first shard
+    reached a model actor (``pipeline_started``, the sink's ``started``) into start-up (Ray, the actor
+    pool, the actors loading the model) and the pipeline, and the rows per second of the whole and of
+    the pipeline. The actor's clock is its node's: the cut is kept within the span."""
+    cut = ended if pipeline_started is None else min(max(pipeline_started, started), ended)
+    seconds, pipeline = ended - started, ended - cut
+    return {"seconds": round(seconds, 3), "per_s": round(rows / seconds, 2) if rows and seconds > 0 else 0.0,
+            "startup_seconds": round(cut - started, 3), "pipeline_seconds": round(pipeline, 3),
+            "pipeline_per_s": round(rows / pipeline, 2) if rows and pipeline > 0 else 0.0}
+
+
+def timing_text(times: dict, unit: str) -> str:
+    """The summary's seconds, as "5.4 s: 4.9 s start-up, 0.5 s pipeline (24.0 images/s)" (``unit``: images,
+    samples); just "0.2 s" when there was no pipeline."""
+    if not times["pipeline_seconds"]:
+        return f"{times['seconds']:.1f} s"
+    return (f"{times['seconds']:.1f} s: {times['startup_seconds']:.1f} s start-up, {times['pipeline_seconds']:.1f} s "
+            f"pipeline ({times['pipeline_per_s']:.1f} {unit}/s)")
 
 
 def write_part(output: Storage, table: pa.Table, schema: pa.Schema) -> None:

@@ -41,7 +41,7 @@ from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: 
 from pixelcnn.data import DATASETS, load_dataset  # noqa: E402
 from pixelcnn.errors import DataError  # noqa: E402
 from pixelcnn.figures import score_report_png  # noqa: E402
-from pixelcnn.images import ImageOptions, in_test_split, read_range  # noqa: E402
+from pixelcnn.images import ImageOptions, background_option, in_test_split, read_range  # noqa: E402
 from pixelcnn.likelihood import score  # noqa: E402
 from pixelcnn.options import flag_name, option  # noqa: E402
 from pixelcnn.schema import SCORE_SCHEMA, score_table  # noqa: E402
@@ -73,6 +73,7 @@ class ScoreRequest:
     resize: bool = option(False, "resize (Lanczos, centre-crop) and convert images to the model's size and channels "
                           "(default: images the model cannot take are refused)")
     skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of refusing")
+    background: tuple[int, int, int] | None = background_option()
     per_pixel: bool = option(False, "add nll_png, a heat map of each pixel's NLL (bits/dim, 0..255 for 0..16 bits)")
     dtype: str = option("float32", "precision of the forward pass (recorded in the dtype column); float64 for exact "
                         "figures, bfloat16 for speed on GPUs", choices=DTYPES)
@@ -126,8 +127,13 @@ class Manifest:
     label_probs: list[float] | None = option(identity=True, help="")
     per_pixel: bool = option(identity=True, help="")
     dtype: str = option(identity=True, help="")
+    background: list[int] | None = option(None, identity=True, help="")  # what transparent pixels are composited onto
     shape: list[int] = dataclasses.field(default_factory=list)  # (C, H, W) of the model
     rows_per_file: int = 10000  # the layout: a rerun writes the files of the one the output was started with
+    kind: str = "scoring"  # which job's output: a generation job is refused it as such (jobs/outputs.py)
+
+
+SPLIT = "split the images into sets of at most {ids}, each scored into its own --output"
 
 
 def main(argv=None) -> dict:
@@ -136,6 +142,10 @@ def main(argv=None) -> dict:
         checkpoint_uri, checkpoint = read_checkpoint(request.checkpoint, request.s3_endpoint)
         ckpt = load_checkpoint(checkpoint, name=checkpoint_uri)
         model_from_checkpoint(ckpt, source=f"checkpoint {checkpoint_uri}")
+        # Shards too large for an actor to hold are refused before Ray starts (too many files only once
+        # the images are counted, in outputs.resume).
+        row_bytes = shard_row_bytes(ckpt["data_shape"], request.per_pixel, checkpoint_uri)
+        outputs.check_rows_per_file(request.rows_per_file, row_bytes)
         output = open_storage(request.output, request.s3_endpoint)
         check_bucket(output)  # reading only: a request refused below leaves the output as it was
         classes = ckpt["model_config"].get("num_classes", 0)
@@ -146,29 +156,33 @@ def main(argv=None) -> dict:
             test_fraction=request.test_fraction if request.split != "all" and request.own_images else None,
             image_size=list(ckpt["data_shape"][1:]) if request.resize else None,
             channels=ckpt["data_shape"][0] if request.resize else None, labels=labels,
+            background=list(request.background) if request.background and request.own_images else None,
             label_probs=class_probs(request.label_probs, classes) if labels == "marginal" else None, per_pixel=request.per_pixel,
             dtype=request.dtype, shape=list(ckpt["data_shape"]), rows_per_file=request.rows_per_file,
         )
+        outputs.check_kind(output, manifest)  # a generation output: refused before Ray starts
         init_ray(request.address)
         source = open_source(request, manifest)  # lists and scans the images (Ray Data tasks), reading only
         manifest = dataclasses.replace(manifest, data_fingerprint=source.fingerprint)
-        manifest, done, shards = outputs.resume(output, manifest, len(source), repair_overlaps=request.repair)
+        manifest, done, shards = outputs.resume(output, manifest, len(source), repair_overlaps=request.repair,
+                                                row_bytes=row_bytes, split=SPLIT)
         todo = sum(end - start for start, end in shards)
-        started = time.perf_counter()
-        if todo:
-            run_pipeline(request, output, checkpoint, manifest, source, shards, bool(done))
-        seconds = time.perf_counter() - started
+        started = time.time()
+        pipeline_started = (run_pipeline(request, output, checkpoint, manifest, source, shards, bool(done))
+                            if todo else None)
+        times = outputs.timings(todo, started, pipeline_started, time.time())
         done = outputs.part_ranges(output)
         bits = read_bits(output, done)
         if request.report and (todo or output.read(REPORT) is None):
             write_report(output, done, source, request.report)
-    summary = summarise(bits, todo, seconds, output, done, source)
+    summary = summarise(bits, todo, times, output, done, source)
     print(json.dumps(summary), flush=True)
     return summary
 
 
 def run_pipeline(request: ScoreRequest, output: Storage, checkpoint: bytes, manifest: Manifest, source, shards: list,
-                 has_parts: bool) -> None:
+                 has_parts: bool) -> float | None:
+    """Score and write ``shards``; returns when the first shard reached an actor (time.time())."""
     import ray
 
     actors = min(request.num_actors, len(shards))  # no more actors than shards: an idle one holds its GPU for nothing
@@ -194,7 +208,17 @@ def run_pipeline(request: ScoreRequest, output: Storage, checkpoint: bytes, mani
         # ... CPU tasks build its rows (and heat maps), and the sink writes them whole.
         rows = scores.map_batches(encode_rows, batch_size=None, num_cpus=ENCODE_CPUS,
                                   fn_kwargs={"manifest": manifest, "source": source_ref})
-        rows.write_datasink(outputs.make_sink(output, SCORE_SCHEMA), ray_remote_args={"num_cpus": WRITE_CPUS})
+        sink = outputs.make_sink(output, SCORE_SCHEMA)
+        rows.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        return sink.started
+
+
+def shard_row_bytes(data_shape, per_pixel: bool, checkpoint_uri: str) -> int:
+    """What a row of a shard takes in memory, at most: its decoded image twice (read tasks stack them),
+    with --per-pixel its float32 NLL map and that map's PNG, and the other columns."""
+    channels, height, width = data_shape
+    return (2 * channels * height * width + (5 * height * width + height if per_pixel else 0) + len(checkpoint_uri)
+            + outputs.ROW_OVERHEAD)
 
 
 def read_shard(batch: dict, source) -> dict:
@@ -213,7 +237,8 @@ class ScoreShards(ModelActor):
 
     def __call__(self, batch: dict) -> dict:
         m, n = self.manifest, len(batch["id"])
-        out = {"id": batch["id"], "label": batch["label"], "log_prob": np.zeros(n), "likely_class": np.full(n, -1)}
+        out = {"id": batch["id"], "label": batch["label"], "log_prob": np.zeros(n), "likely_class": np.full(n, -1),
+               outputs.STARTED: np.full(n, time.time())}
         if m.per_pixel:
             out["nll_map"] = np.zeros((n, *m.shape[1:]), dtype=np.float32)
         for start in range(0, n, self.batch_size):
@@ -236,12 +261,13 @@ def encode_rows(batch: dict, manifest: Manifest, source):
     source = ray.get(source) if isinstance(source, ray.ObjectRef) else source
     sources, rows = source.identify(batch["id"])
     labels = [None if v < 0 else int(v) for v in batch["label"]]
-    return score_table(
+    table = score_table(
         batch["id"], sources, rows, labels, batch["log_prob"], shape=manifest.shape,
         likely_class=batch["likely_class"] if manifest.labels == "marginal" else None,
         nll_maps=batch["nll_map"] if manifest.per_pixel else None,
         dtype=manifest.dtype, checkpoint=manifest.checkpoint, model_sha256=manifest.model_sha256,
     )
+    return outputs.pass_started(batch, table)
 
 
 # --- the data: your own images or a torchvision dataset, numbered 0..N-1 --------------------------
@@ -338,6 +364,7 @@ def open_source(request: ScoreRequest, manifest: Manifest):
     options = ImageOptions(image_size=tuple(shape[1:]) if request.resize else None,
                            channels=shape[0] if request.resize else None, image_column=request.image_column,
                            label_column=request.label_column, skip_bad_images=request.skip_bad_images,
+                           background=request.background,
                            test_fraction=request.test_fraction if request.split != "all" else 0)
     source, s3 = find_source(request.dataset, request.s3_endpoint, options)
     found = scan(source, s3, options)
@@ -378,12 +405,14 @@ def read_bits(output: Storage, done: list) -> np.ndarray:
         .column("bits_per_dim").to_numpy()
 
 
-def summarise(bits: np.ndarray, todo: int, seconds: float, output: Storage, done: list, source) -> dict:
+def summarise(bits: np.ndarray, todo: int, times: dict, output: Storage, done: list, source) -> dict:
     stats = {f"p{q}": round(float(np.percentile(bits, q)), 4) for q in (1, 5, 50, 95, 99)} if len(bits) else {}
-    summary = {"images": todo, "seconds": round(seconds, 3), "images_per_s": round(todo / seconds, 2) if todo else 0.0,
+    summary = {"images": todo, "seconds": times["seconds"], "images_per_s": times["per_s"],
+               "startup_seconds": times["startup_seconds"], "pipeline_seconds": times["pipeline_seconds"],
+               "pipeline_images_per_s": times["pipeline_per_s"],
                "total_rows": int(len(bits)), "files": len(done), "output": output.uri,
                "bits_per_dim_mean": round(float(bits.mean()), 6) if len(bits) else None, **stats}
-    print(f"scored {todo} images in {seconds:.1f} s ({summary['images_per_s']:.1f} images/s); {output.uri} holds "
+    print(f"scored {todo} images in {outputs.timing_text(times, 'images')}; {output.uri} holds "
           f"{len(bits)} rows of {len(source)} images in {len(done)} files", flush=True)
     if len(bits):
         print(f"bits/dim: mean {bits.mean():.4f}, median {np.median(bits):.4f}, 1% {stats['p1']}, 5% {stats['p5']}, "

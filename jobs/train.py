@@ -5,8 +5,9 @@
 
 Rerunning with the same --storage and --name resumes from the latest checkpoint (a finished run is
 not retrained). The run folder <storage>/<name> holds model.pt (the latest model, what
-`pixelcnn.load_model` and `jobs/generate.py --checkpoint <storage>/<name>` read), metrics.jsonl,
-metrics.png, config.json, samples_epoch_NNN.png, and Ray Train's own checkpoint_* folders. The last
+`pixelcnn.load_model` and `jobs/generate.py --checkpoint <storage>/<name>` read), metrics.jsonl (a
+line per report), curve.jsonl (a line per --log-every window and evaluation), metrics.png, config.json,
+samples_epoch_NNN.png, and Ray Train's own checkpoint_* folders. The last
 line printed is the final metrics as JSON. docs/training.md has the whole story.
 """
 
@@ -33,6 +34,7 @@ from jobs.datasets import READ_CPUS, find_source, gather, read_images, scan  # n
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
 from pixelcnn.data import ImageData  # noqa: E402
 from pixelcnn.errors import CheckpointError, DataError  # noqa: E402
+from pixelcnn.images import class_count  # noqa: E402
 from pixelcnn.options import flag_name, identity_fields, option  # noqa: E402
 from pixelcnn.sampling.streams import derive_seed  # noqa: E402
 from pixelcnn.training import Batch, InMemoryBatches, Runtime, TrainConfig, load_split, train  # noqa: E402
@@ -443,6 +445,8 @@ def prepare_data(cfg: TrainConfig, job: TrainJob, sources: dict) -> tuple[TrainC
     classes = len(source.classes) if source.file_labels is not None else found.num_classes
     if cfg.conditional and not classes:
         raise DataError(f"--conditional needs labels, and {cfg.dataset} has none (no class subfolders or label column)")
+    if cfg.conditional and source.file_labels is None:  # a label column: its values are the model's classes
+        classes = class_count(found.labels, cfg.dataset)
     in_memory = train_images * math.prod(found.shape) <= job.data_in_memory_gb * 2**30
     if cfg.subset is not None:
         if not in_memory:

@@ -33,20 +33,18 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import MODEL_FILE, checkpoint_dict, load_checkpoint, save_checkpoint
 from .data import DATASET_SHAPES, DATASETS, ImageData, load_dataset
 from .figures import grid_png, metrics_png
 from .files import write_atomically
-from .images import ImageOptions
-from .likelihood import bits_per_dim, model_logits, nll_per_image
-from .models import NORMS, GatedPixelCNN, GatedPixelCNNConfig, PixelCNN, PixelCNNConfig
+from .images import ImageOptions, background_option, class_count
+from .likelihood import bits_per_dim, distribution_of, model_logits, nll_per_image
+from .models import MODELS, NORMS, GatedPixelCNNConfig, PixelCNNConfig, PixelCNNppConfig
 from .options import flag_name, option
 from .sampling import sample
 from .sampling.streams import check_seed, derive_seed
 
-MODELS = {"pixelcnn": (PixelCNN, PixelCNNConfig), "gated": (GatedPixelCNN, GatedPixelCNNConfig)}
 AMP_MODES = ("off", "bf16")
 SCHEDULES = ("constant", "cosine")
 
@@ -87,12 +85,13 @@ class TrainConfig:
                                       identity=True, group="data")
     skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of "
                                    "refusing the dataset", group="data")
+    background: tuple[int, int, int] | None = background_option(identity=True, group="data")
     # model
     # "pixelcnn" stays the default so that existing runs and their names keep their meaning; "gated"
     # (no blind spot) is the one to train for quality.
     model: str = option("pixelcnn", "architecture", identity=True, choices=tuple(sorted(MODELS)), group="model")
-    hidden: int = option(128, "h: pixelcnn blocks map 2h -> h -> h -> 2h; gated: channels of each stack",
-                         identity=True, group="model")
+    hidden: int = option(128, "h: pixelcnn blocks map 2h -> h -> h -> 2h; gated: channels of each stack; "
+                         "pixelcnnpp: nr_filters", identity=True, group="model")
     blocks: int = option(15, "pixelcnn: number of residual blocks", identity=True, group="model")
     norm: str = option("none", "pixelcnn: normalisation in blocks (batch leaks the future in training)",
                        identity=True, choices=NORMS, group="model")
@@ -103,7 +102,10 @@ class TrainConfig:
     kernel_size: int = option(5, "gated: odd k; vertical kernels (k//2+1) x k, horizontal 1 x (k//2+1)",
                               identity=True, group="model")
     # gated only. Off by default: a regulariser to turn on if test NLL rises while train NLL falls.
-    dropout: float = option(0.0, "gated: dropout rate on the gated features in training", group="model")
+    dropout: float = option(0.0, "gated, pixelcnnpp: dropout rate on the gated features in training", group="model")
+    # pixelcnnpp only (the paper's CIFAR-10 values: 5 and 10).
+    nr_resnet: int = option(5, "pixelcnnpp: gated ResNet blocks per resolution", identity=True, group="model")
+    nr_logistic_mix: int = option(10, "pixelcnnpp: logistics in each pixel's mixture", identity=True, group="model")
     conditional: bool = option(False, "condition on the dataset's class labels", identity=True, group="model")
     # optimisation
     epochs: int = option(1, "passes over the training data", group="optimisation")
@@ -120,7 +122,9 @@ class TrainConfig:
                            "per epoch", choices=SCHEDULES, group="optimisation")
     # A short linear warm-up: Adam's first steps are taken on noisy second-moment estimates and can
     # saturate the gates (tanh, sigmoid) of a fresh gated model.
-    warmup_steps: int = option(100, "linear learning-rate warm-up over the first N steps", group="optimisation")
+    # At most a quarter of the schedule's steps: a short run must still reach --lr and anneal from it.
+    warmup_steps: int = option(100, "linear learning-rate warm-up over the first N steps (at most a quarter of the "
+                               "schedule's steps)", group="optimisation")
     lr_decay: float = option(1.0, "--schedule constant: multiply the learning rate by this every epoch",
                              group="optimisation")
     weight_decay: float = option(0.0, "AdamW decoupled weight decay", group="optimisation")
@@ -138,7 +142,11 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (after DDP wrapping)", group="optimisation")
     # reporting
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: per epoch only)", group="reporting")
-    log_every: int = option(20, "print a progress line every N steps", group="reporting")
+    log_every: int = option(20, "print a progress line and add a point to the training curve every N steps",
+                            group="reporting")
+    # Evaluating costs a pass over the test set: by default only at reports, where metrics.jsonl needs it.
+    eval_every: int = option(0, "also evaluate on the test set every N steps: test points on the curve between "
+                             "reports (0: at each report only)", group="reporting")
     eval_batch_size: int = 256
     grid_samples: int = option(16, "images in each epoch's sample grid (0: none)", group="reporting")
     # Set by the job's driver once it has read your own images (not flags): what the data is.
@@ -166,8 +174,8 @@ class TrainConfig:
             raise ValueError(f"--lr-decay must be > 0, got {self.lr_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip must be >= 0 (0: off), got {self.grad_clip}")
-        if self.dropout and self.model != "gated":
-            raise ValueError("--dropout applies to --model gated only")
+        if self.dropout and self.model not in ("gated", "pixelcnnpp"):
+            raise ValueError("--dropout applies to --model gated and pixelcnnpp only")
         if not 0 <= self.ema < 1:
             raise ValueError(f"--ema must be in [0, 1) (0: off), got {self.ema}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
@@ -179,20 +187,23 @@ class TrainConfig:
                 raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.subset is not None and self.subset < self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} exceeds --subset {self.subset}: not one full batch to train on")
-        for name in ("grid_samples", "checkpoint_every"):
+        for name in ("grid_samples", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         check_seed(self.seed, "--seed")
         if self.image_size is not None:
             self.image_size = tuple(int(s) for s in self.image_size)
+        if self.background is not None:  # "white", or config.json's list: (R, G, B), as it is compared on a rerun
+            self.background = ImageOptions(background=self.background).background
         if self.dataset_shape is not None:
             self.dataset_shape = tuple(int(s) for s in self.dataset_shape)
         if self.own_images:
             self.image_options()  # its own checks (sizes, channels, fraction)
         elif any(getattr(self, name) for name in ("test_dataset", "image_size", "channels", "image_column",
-                                                  "label_column", "skip_bad_images")):
-            raise ValueError("--test-dataset, --image-size, --channels, --image-column, --label-column and "
-                             "--skip-bad-images apply to your own images, not to a torchvision dataset")
+                                                  "label_column", "skip_bad_images", "background")):
+            raise ValueError("--test-dataset, --image-size, --channels, --image-column, --label-column, "
+                             "--skip-bad-images and --background apply to your own images, not to a torchvision "
+                             "dataset")
         # The model's own checks (kernel size, depth, ...), named by their flags: the model config owns them.
         try:  # both models' flags, whichever model is trained
             for model in MODELS:
@@ -208,6 +219,7 @@ class TrainConfig:
     def image_options(self, *, test_fraction: float | None = None) -> ImageOptions:
         return ImageOptions(image_size=self.image_size, channels=self.channels, image_column=self.image_column,
                             label_column=self.label_column, skip_bad_images=self.skip_bad_images,
+                            background=self.background,
                             test_fraction=self.test_fraction if test_fraction is None else test_fraction)
 
     def model_config(self, shape: tuple[int, int, int] | None = None, classes: int | None = None, model=None):
@@ -218,11 +230,14 @@ class TrainConfig:
         if classes is None:
             classes = self.dataset_classes if self.own_images else DATASET_SHAPES[self.dataset][3]
         channels, height, width = shape
-        common = dict(in_channels=channels, image_size=(height, width), hidden=self.hidden,
-                      num_classes=classes if self.conditional else 0)
+        common = dict(in_channels=channels, image_size=(height, width), num_classes=classes if self.conditional else 0)
         if (model or self.model) == "gated":
-            return GatedPixelCNNConfig(**common, layers=self.layers, kernel_size=self.kernel_size, dropout=self.dropout)
-        return PixelCNNConfig(**common, blocks=self.blocks, norm=self.norm)
+            return GatedPixelCNNConfig(**common, hidden=self.hidden, layers=self.layers, kernel_size=self.kernel_size,
+                                       dropout=self.dropout)
+        if (model or self.model) == "pixelcnnpp":
+            return PixelCNNppConfig(**common, nr_filters=self.hidden, nr_resnet=self.nr_resnet,
+                                    nr_logistic_mix=self.nr_logistic_mix, dropout=self.dropout)
+        return PixelCNNConfig(**common, hidden=self.hidden, blocks=self.blocks, norm=self.norm)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -301,6 +316,9 @@ class Runtime:
         train_data, test_data = load_split(cfg, train=True), load_split(cfg, train=False)
         batches = InMemoryBatches(train_data, cfg.batch_size, cfg.seed, self.rank, self.world_size, self.device)
         batches.num_classes = max(train_data.num_classes, test_data.num_classes)  # own images: labels seen in either
+        if cfg.conditional and batches.num_classes and cfg.own_images and not train_data.classes:  # a label column
+            labels = torch.cat([train_data.labels, test_data.labels]).unique().tolist()
+            batches.num_classes = class_count(labels, cfg.dataset)
         return batches, test_data
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -324,24 +342,38 @@ class Runtime:
         save_checkpoint(os.path.join(self.run_dir, MODEL_FILE), checkpoint)
 
 
-def report_files(history: list[dict]) -> dict[str, bytes]:
-    """The run folder's record of a run: ``metrics.jsonl`` (one line per report, rewritten from the
-    checkpoint's history, so a resumed run never lists a report twice) and ``metrics.png``."""
-    return {"metrics.jsonl": "".join(json.dumps(m) + "\n" for m in history).encode(), "metrics.png": metrics_png(history)}
+def jsonl(lines: list[dict]) -> bytes:
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def report_files(history: list[dict], curve: list[dict]) -> dict[str, bytes]:
+    """The run folder's record of a run, rewritten whole from the checkpoint's lists at each report (so a
+    resumed run never lists a line twice): ``metrics.jsonl`` (one line per report), ``curve.jsonl`` (one
+    line per point of the curve: every --log-every steps, each evaluation and each report) and
+    ``metrics.png`` (the curve: train bits/dim, and test bits/dim where evaluated)."""
+    return {"metrics.jsonl": jsonl(history), "curve.jsonl": jsonl(curve), "metrics.png": metrics_png(curve)}
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """``warmup_steps``, capped at a quarter of the schedule's steps (``epochs`` x steps per epoch, which
+    ``max_steps`` does not change: a run stopped early and resumed keeps its schedule). Runs at least
+    four times as long as their warm-up keep it as asked."""
+    return min(cfg.warmup_steps, cfg.epochs * steps_per_epoch // 4)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based), a function of the step alone.
 
-    Linear warm-up over ``warmup_steps``, then "cosine": half a cosine from ``lr`` down to ~0 at the
+    Linear warm-up over ``warmup_steps()``, then "cosine": half a cosine from ``lr`` down to ~0 at the
     last step of ``epochs`` (``max_steps`` only stops early), or "constant": ``lr`` times
     ``lr_decay`` per finished epoch.
     """
-    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    warm = warmup_steps(cfg, steps_per_epoch)
+    warmup = min(1.0, (step + 1) / warm) if warm else 1.0
     if cfg.schedule == "constant":
         return cfg.lr * warmup * cfg.lr_decay ** (step // steps_per_epoch)
-    horizon = cfg.epochs * steps_per_epoch - cfg.warmup_steps
-    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / max(1, horizon)))
+    horizon = cfg.epochs * steps_per_epoch - warm
+    progress = min(1.0, max(0.0, (step - warm) / max(1, horizon)))
     return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -383,12 +415,12 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model_class, _ = MODELS[cfg.model]
+    model_class = MODELS[cfg.model]
     model = model_class(cfg.model_config(batches.shape, batches.num_classes)).to(device, getattr(torch, cfg.precision))
     # One parameter group, every tensor decayed alike (the masked-out kernel entries get no gradient,
     # so decay only shrinks values that are multiplied by zero anyway).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history = 0, []
+    step, history, curve = 0, [], []
     state = runtime.resume_state()
     if state is not None:
         training = state["training"]
@@ -401,6 +433,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             # --weight-decay, say). lr is set every step.
             group.update(optimizer.defaults)
         step, history = state["step"], list(training["history"])
+        curve = list(training.get("curve", history))  # a checkpoint from before the curve: its reports
         log(f"resuming from step {step} with {runtime.world_size} worker{'s' * (runtime.world_size > 1)}")
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -419,22 +452,25 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     )
     dims = math.prod(test_data.shape)
 
-    def report_metrics(window: list, final: bool) -> dict:
-        test_bpd = evaluate_sharded(final_model, test_data, cfg.eval_batch_size, runtime, autocast)
-        metrics = {
+    def point(window: list, evaluated: bool) -> dict:
+        """A point of the curve: the window since the last one (train bits/dim, images/s) and, when
+        ``evaluated``, the test figures. ``epoch`` counts whole epochs done, as the sample grids do."""
+        line = {
             "step": step, "epoch": step // steps_per_epoch, "world_size": runtime.world_size,
-            "lr": optimizer.param_groups[0]["lr"],
-            **_reduce_window(window, runtime, dims),
-            "test_bits_per_dim": test_bpd,
-            "test_bits_per_dim_raw": evaluate_sharded(model, test_data, cfg.eval_batch_size, runtime, autocast)
-            if ema else test_bpd,
+            "lr": optimizer.param_groups[0]["lr"], **_reduce_window(window, runtime, dims),
         }
-        if final:
-            metrics["done"] = True
-        return metrics
+        if evaluated:
+            test_bpd = evaluate_sharded(final_model, test_data, cfg.eval_batch_size, runtime, autocast)
+            line["test_bits_per_dim"] = test_bpd
+            line["test_bits_per_dim_raw"] = (
+                evaluate_sharded(model, test_data, cfg.eval_batch_size, runtime, autocast) if ema else test_bpd)
+        # Seconds in the training loop (steps, evaluations, reports), summed over the run's starts.
+        line["elapsed_s"] = round(elapsed + time.perf_counter() - loop_started, 3)
+        return line
 
-    window: list[tuple[float, int, float]] = []  # (loss sum in nats, images, seconds) since the last report
+    window: list[tuple[float, int, float]] = []  # (loss sum in nats, images, seconds) since the last point
     progress = Progress(total_steps, runtime.world_size, log)
+    elapsed, loop_started = (curve[-1].get("elapsed_s", 0.0) if curve else 0.0), time.perf_counter()
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -463,19 +499,29 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             if ema is not None:
                 ema.update(model, step)
             window.append((float(nll.detach()), count, time.perf_counter() - started))
-            if step % cfg.log_every == 0 or step == epoch_end:
-                progress.line(step, epoch, steps_per_epoch, window[-cfg.log_every:], dims)
             at_epoch_end = step == epoch_end
-            if at_epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                metrics = report_metrics(window, step == total_steps)
-                window = []
+            logged = step % cfg.log_every == 0 or at_epoch_end
+            if logged:
+                progress.line(step, epoch, steps_per_epoch, window, dims)
+            reported = at_epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            evaluated = reported or (cfg.eval_every and step % cfg.eval_every == 0)
+            if not (logged or evaluated):
+                continue
+            # Every rank reaches the same points (they depend on the step alone): the window's all-reduce
+            # and the evaluation stay in step across workers.
+            curve.append(point(window, evaluated))
+            window = []
+            if reported:
+                # The report is the curve's point at this step: its train figure is the last window's.
+                metrics = {**curve[-1], **({"done": True} if step == total_steps else {})}
                 history.append(metrics)
                 files, checkpoint = {}, None
                 if runtime.rank == 0:
                     if at_epoch_end and cfg.grid_samples:
-                        files[f"samples_epoch_{epoch + 1:03d}.png"] = sample_grid_png(final_model, cfg.grid_samples, cfg.seed)
-                    files.update(report_files(history))
-                    training = {"optimizer": optimizer.state_dict(), "history": history, "config": cfg.to_dict()}
+                        files[grid_name(step, steps_per_epoch)] = sample_grid_png(final_model, cfg.grid_samples, cfg.seed)
+                    files.update(report_files(history, curve))
+                    training = {"optimizer": optimizer.state_dict(), "history": history, "curve": curve,
+                                "config": cfg.to_dict()}
                     if ema is not None:
                         training["raw_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                     checkpoint = checkpoint_dict(
@@ -488,14 +534,22 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     return history[-1] if history else {"step": step, "done": True}
 
 
+def grid_name(step: int, steps_per_epoch: int) -> str:
+    """The sample grid's file: after each epoch ``samples_epoch_NNN.png``, NNN the whole epochs done (as
+    metrics' ``epoch``); a run that stops mid-epoch (--max-steps) names its last grid by its step."""
+    if step % steps_per_epoch:
+        return f"samples_step_{step:06d}.png"
+    return f"samples_epoch_{step // steps_per_epoch:03d}.png"
+
+
 def share_loss(model, levels, labels, total: int, world_size: int, weight: float = 1.0):
     """(summed NLL in nats, the loss to step on) of one worker's share of a global batch of ``total`` images.
 
     DDP averages gradients over workers: weighting the share's summed NLL by workers / (total x dims) makes
     that average the gradient of the mean loss per dimension over the global batch, whatever the shares.
     """
-    logits = model_logits(model, levels, labels)
-    nll = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), levels.long(), reduction="sum")
+    output = model_logits(model, levels, labels)
+    nll = -distribution_of(model).log_prob(output.to(torch.promote_types(output.dtype, torch.float32)), levels.long()).sum()
     nll = nll * weight
     return nll, nll * (world_size / (total * math.prod(levels.shape[1:])))
 
@@ -556,7 +610,7 @@ def evaluate_sharded(model, data: ImageData, batch_size: int, runtime: Runtime, 
         levels = data.images[batch].to(runtime.device)
         with autocast:
             logits = model_logits(model, levels, data.labels[batch].to(runtime.device))
-        total[0] += nll_per_image(logits, levels).sum()
+        total[0] += nll_per_image(logits, levels, distribution_of(model)).sum()
         total[1] += len(batch)
     model.train(was_training)
     nll, count = runtime.all_reduce_sum(total).tolist()

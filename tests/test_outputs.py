@@ -91,7 +91,7 @@ def test_the_sink_writes_only_into_the_drivers_local_folder(tmp_path):
         outputs.make_sink(output, SAMPLE_SCHEMA).write([block(0, 2)], None)
     assert not (tmp_path / "out").exists()
     output.write(outputs.MANIFEST, b"{}")  # as the driver does before the pipeline starts
-    assert outputs.make_sink(output, SAMPLE_SCHEMA).write([block(0, 2)], None) == 2
+    assert outputs.make_sink(output, SAMPLE_SCHEMA).write([block(0, 2)], None) == {"rows": 2, "started": None}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [outputs.MANIFEST, "part-000000000000-000000000001.parquet"]
     with pytest.raises(RuntimeError, match="holds an id twice"):
         outputs.write_part(output, sample_table(np.array([5, 5]), torch.zeros(2, 1, 3, 3, dtype=torch.uint8),

@@ -123,21 +123,75 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert any(not torch.allclose(init[k], once["training"]["raw_state"][k]) for k in init)
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_a_resumed_run_folder_lists_each_report_once(tmp_path):
-    """metrics.jsonl follows the checkpoint: a report whose model never landed (a crash between the two)
-    is gone after the resume, not listed twice. A corrupt checkpoint is one CheckpointError line."""
-    run(tmp_path, "run", max_steps=5)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    """metrics.jsonl and curve.jsonl follow the checkpoint: a report (or point) whose model never landed (a
+    crash between the two) is gone after the resume, not listed twice, and the points after the resume are
+    an uninterrupted run's. A corrupt checkpoint is one CheckpointError line."""
+    run(tmp_path, "run", max_steps=5, log_every=3)
+    metrics, curve = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "curve.jsonl"
     metrics.write_text(metrics.read_text() + json.dumps({"step": 8}) + "\n")
-    _, ckpt, _ = run(tmp_path, "run", max_steps=10)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    curve.write_text(curve.read_text() + json.dumps({"step": 6}) + "\n")
+    _, ckpt, _ = run(tmp_path, "run", max_steps=10, log_every=3)
+    steps = [m["step"] for m in read_jsonl(metrics)]
     assert steps == [m["step"] for m in ckpt["training"]["history"]] == [4, 5, 8, 10]
+    points = read_jsonl(curve)
+    # every 3 steps, and each report (4 and 8 end epochs, 5 and 10 end a start of the run)
+    assert [p["step"] for p in points] == [p["step"] for p in ckpt["training"]["curve"]] == [3, 4, 5, 6, 8, 9, 10]
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(points, points[1:]))  # summed over both starts
+    _, once, _ = run(tmp_path, "once", max_steps=10, log_every=3)  # no stop at 5: its point 6 spans steps 5-6
+    uninterrupted = {p["step"]: p for p in once["training"]["curve"]}
+    assert sorted(uninterrupted) == [3, 4, 6, 8, 9, 10]
+    for p in points[-3:]:  # the windows 7-8, 9 and 10: the same figures
+        assert p["train_bits_per_dim"] == uninterrupted[p["step"]]["train_bits_per_dim"], p["step"]
     assert ckpt["epoch"] == 2 and ckpt["step"] == 10  # whole epochs done, as the metrics count them
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "metrics.png", "model.pt"]  # no temporaries
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["curve.jsonl", "metrics.jsonl", "metrics.png",
+                                                                    "model.pt"]  # no temporaries
     (tmp_path / "run" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is corrupt or not a PixelCNN checkpoint") as info:
         run(tmp_path, "run", max_steps=12)
     assert "\n" not in str(info.value)
+
+
+def test_the_curve_has_a_point_per_log_window_and_the_test_figure_at_each_evaluation(tmp_path):
+    """curve.jsonl: a point every --log-every steps (the window's train bits/dim, lr, images/s, elapsed
+    seconds), the test figures at each --eval-every step and each report; metrics.jsonl: the reports,
+    whose train figure is the last window's, not the mean since the previous report."""
+    final, ckpt, _ = run(tmp_path, "curve", max_steps=10, log_every=3, eval_every=5, ema=0.9)
+    points = read_jsonl(tmp_path / "curve" / "curve.jsonl")
+    assert [p["step"] for p in points] == [3, 4, 5, 6, 8, 9, 10]
+    assert all({"step", "epoch", "world_size", "lr", "train_bits_per_dim", "images_per_s", "elapsed_s"} <= p.keys()
+               for p in points)
+    tested = [p["step"] for p in points if "test_bits_per_dim" in p]
+    assert tested == [4, 5, 8, 10]  # reports at 4, 8 and 10 (epoch ends, the last step), --eval-every 5 at 5
+    assert all("test_bits_per_dim_raw" in p for p in points if "test_bits_per_dim" in p)
+    config = TrainConfig(**{**TINY, "max_steps": 10, "log_every": 3, "eval_every": 5})
+    assert all(p["lr"] == pytest.approx(learning_rate(config, p["step"] - 1, 4)) for p in points)
+    reports = read_jsonl(tmp_path / "curve" / "metrics.jsonl")
+    assert [m["step"] for m in reports] == [4, 8, 10] and reports[-1]["done"] and final == reports[-1]
+    by_step = {p["step"]: p for p in points}
+    for m in reports:  # a report is the curve's point at its step
+        assert {k: v for k, v in m.items() if k != "done"} == by_step[m["step"]]
+    # The final train figure is its window's (step 10 alone): per step, a --log-every 1 run's.
+    _, steps, _ = run(tmp_path, "per-step", max_steps=10, log_every=1, ema=0.9)
+    per_step = {p["step"]: p["train_bits_per_dim"] for p in steps["training"]["curve"]}
+    assert final["train_bits_per_dim"] == pytest.approx(per_step[10], rel=1e-12)
+    assert reports[0]["train_bits_per_dim"] == pytest.approx(per_step[4], rel=1e-12)  # window 4 (3 was a point)
+    assert by_step[3]["train_bits_per_dim"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3)) / 3, rel=1e-12)
+    assert final["train_bits_per_dim"] != pytest.approx(sum(per_step[s] for s in (9, 10)) / 2, rel=1e-9)
+
+
+def test_sample_grids_and_metrics_count_whole_epochs_alike(tmp_path):
+    """samples_epoch_NNN.png is written once NNN epochs are done, as metrics' epoch says; a run that stops
+    mid-epoch names its last grid by its step."""
+    run(tmp_path, "grids", max_steps=6, grid_samples=4)  # 4 steps an epoch: an epoch end at 4, a stop at 6
+    reports = read_jsonl(tmp_path / "grids" / "metrics.jsonl")
+    assert [(m["step"], m["epoch"]) for m in reports] == [(4, 1), (6, 1)]
+    grids = sorted(p.name for p in (tmp_path / "grids").glob("samples_*.png"))
+    assert grids == ["samples_epoch_001.png", "samples_step_000006.png"]
 
 
 def test_cosine_schedule_values():
@@ -152,6 +206,22 @@ def test_cosine_schedule_values():
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
     # max_steps stops early without changing the schedule: a stopped run resumes onto the same curve.
     assert learning_rate(TrainConfig(**{**cfg.to_dict(), "max_steps": 20}), 60, steps_per_epoch) == lr[60]
+
+
+def test_the_warm_up_never_outlasts_a_short_run():
+    """A 40-step run reaches --lr (the warm-up capped at a quarter of the schedule) and anneals to ~0; a run
+    at least four times its warm-up keeps the schedule it always had; --max-steps changes neither."""
+    short = TrainConfig(lr=1e-3, epochs=1, warmup_steps=100)
+    lr = [learning_rate(short, s, 40) for s in range(40)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3) == max(lr)  # 10 warm-up steps
+    assert 0 < lr[39] < 1e-5
+    assert [learning_rate(TrainConfig(**{**short.to_dict(), "max_steps": 5}), s, 40) for s in range(40)] == lr
+    constant = TrainConfig(lr=1e-3, epochs=1, warmup_steps=100, schedule="constant")
+    assert learning_rate(constant, 9, 40) == pytest.approx(1e-3) and learning_rate(constant, 39, 40) == pytest.approx(1e-3)
+    long = TrainConfig(lr=1e-3, epochs=1, warmup_steps=100)  # 400 steps: the warm-up fits, as asked
+    assert learning_rate(long, 49, 400) == pytest.approx(5e-4) and learning_rate(long, 99, 400) == pytest.approx(1e-3)
+    assert learning_rate(long, 100 + 150, 400) == pytest.approx(0.5e-3)  # half way through the cosine's 300 steps
+    assert learning_rate(TrainConfig(lr=1e-3, epochs=1, warmup_steps=3), 0, 2) == 1e-3  # too short to warm up
 
 
 def test_constant_schedule_keeps_lr_decay_per_epoch():
@@ -183,6 +253,7 @@ def test_the_optimizer_steps_with_the_scheduled_lr(tmp_path):
     ({"schedule": "constant", "lr_decay": 0.0}, "--lr-decay must be > 0"), ({"blocks": -1}, "--blocks"),
     ({"norm": "layer"}, "--norm"), ({"lr": math.nan}, "--lr must be a finite number"),
     ({"weight_decay": math.inf}, "--weight-decay must be a finite number"), ({"seed": 2**63}, "--seed must be a 64-bit integer"),
+    ({"eval_every": -1}, "--eval-every must be >= 0"),
 ])
 def test_bad_recipe_values_are_one_line_errors(bad, match):
     with pytest.raises(ValueError, match=match) as info:
