@@ -40,7 +40,7 @@ from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint  # noqa: E402
 from pixelcnn.sampling import SAMPLERS  # noqa: E402
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a trained checkpoint (default: a fresh model of --hidden/--blocks)")
     p.add_argument("--hidden", type=int, default=32)
@@ -58,7 +58,11 @@ def main() -> None:
                    "encode rate against (default: the H100's, reference model, bf16, batch 4096, docs/benchmarks.md)")
     p.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "data", "mnist"),
                    help="MNIST's torchvision root, for the encode rate on MNIST images (skipped if absent)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = "cuda" if args.gpus_per_actor else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint

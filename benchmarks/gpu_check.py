@@ -2,6 +2,7 @@
 
     python3 benchmarks/gpu_check.py --out $OUT                    # one H100/H200: <= 8 minutes (--budget-s 480)
     .venv/bin/python benchmarks/gpu_check.py --device cpu --quick # the rehearsal on a CPU: small models, minutes
+    .venv/bin/python benchmarks/gpu_check.py --device cpu --quick --dry-run  # each command built and its flags checked
 
 Steps, most important first (each a command of the project's own, in a process of its own):
 
@@ -20,7 +21,8 @@ Every row is a pass/fail or a figure. A step that fails (exit status, exception,
 becomes a FAIL row with its first error line and the run goes on; once --budget-s has passed, the
 steps left are SKIPPED. ``--device cpu --quick`` runs every step that needs no CUDA on small models
 (the CUDA-only ones are SKIPPED, and sampling-tf32 runs the cached sampler as a stand-in), so a typo
-shows up here and not on a lent GPU (tests/test_gpu_check.py). The table goes to stdout and, as
+shows up here and not on a lent GPU; ``--dry-run`` only builds each step's command and has its script's
+parser check the flags (tests/test_gpu_check.py; the scripts themselves run in tests/test_benchmarks.py). The table goes to stdout and, as
 gpu_check.json and gpu_check.md, with every command's output in gpu_check.log, to --out.
 docs/gpu.md says how to run it on a lent GPU and what to do with the figures.
 """
@@ -28,10 +30,13 @@ docs/gpu.md says how to run it on a lent GPU and what to do with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
 import gzip
+import importlib.util
+import io
 import itertools
 import json
 import os
@@ -69,6 +74,10 @@ class StepFailed(Exception):
 
 class StepTimedOut(StepFailed):
     """A step's command ran out of time (its own budget or the global deadline)."""
+
+
+class DryRun(Exception):
+    """--dry-run: a step's command was built and its script's parser took its flags; it did not run."""
 
 
 @dataclasses.dataclass
@@ -125,6 +134,36 @@ def error_line(text: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def shown(cmd: list[str]) -> str:
+    return " ".join(cmd if cmd[1] != "-c" else [cmd[0], "-c", "<code>", *cmd[3:]])
+
+
+def check_flags(cmd: list[str]) -> None:
+    """--dry-run: the flags of ``python <script.py> ...`` (or of sampling.py behind the TF32 launcher) parsed
+    by that script's own ``parse_args``, in this process; a refusal is StepFailed with its error line.
+    Other commands (pip, pytest) hold no flags of ours."""
+    if cmd[1] == "-c":
+        compile(cmd[2], "<python -c>", "exec")
+        script, args = (os.path.join(BENCH, "sampling.py"), cmd[3:]) if cmd[2] == TF32_LAUNCHER else (None, [])
+    else:
+        script, args = (cmd[1], cmd[2:]) if cmd[1].endswith(".py") else (None, [])
+    if script is None:
+        return
+    spec = importlib.util.spec_from_file_location(f"dry_run_{os.path.basename(script)[:-3]}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    sys.path[:0] = [os.path.dirname(script), REPO]  # as `python <script>` would see its folder and the repo
+    err = io.StringIO()
+    try:
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            module.parse_args(args)
+    except SystemExit:
+        raise StepFailed(f"{os.path.relpath(script, REPO)} refused its flags: {error_line(err.getvalue())}") from None
+    finally:
+        del sys.path[:2]
+
+
 def stop(proc: subprocess.Popen) -> None:
     """End a command that ran out of time and everything it started in its session (Ray's processes too)."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
@@ -162,9 +201,14 @@ class Check:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, cmd: list[str], timeout: float) -> str:
+    def run(self, cmd: list[str], timeout: float, *, probe: bool = False) -> str:
         """``cmd`` in the repo root, in a session of its own; returns its output (stdout and stderr
-        together). A non-zero exit or the timeout raises StepFailed with the output's error line."""
+        together). A non-zero exit or the timeout raises StepFailed with the output's error line. With
+        --dry-run a step's command (not a probe) is only checked by its script's parser: DryRun."""
+        if self.args.dry_run and not probe:
+            check_flags(cmd)
+            self._log(cmd, "", "dry run: flags accepted, not run", 0.0)
+            raise DryRun(shown(cmd))
         timeout = max(1.0, min(timeout, self.remaining()))
         path = os.path.join(self.work, f"output-{next(self._outputs):03d}.txt")
         start = time.monotonic()
@@ -195,13 +239,12 @@ class Check:
     def _log(self, cmd: list[str], text: str, how: str, seconds: float) -> None:
         if len(text) > LOG_HEAD + LOG_TAIL:  # keep the log small enough to come back from a device run
             text = text[:LOG_HEAD] + f"\n[... {len(text) - LOG_HEAD - LOG_TAIL} characters left out ...]\n" + text[-LOG_TAIL:]
-        shown = " ".join(cmd if cmd[1] != "-c" else [cmd[0], "-c", "<code>", *cmd[3:]])
         with open(self.log_path, "a") as log:
-            log.write(f"\n$ {shown}\n[{how}, {seconds:.1f} s]\n{text}")
+            log.write(f"\n$ {shown(cmd)}\n[{how}, {seconds:.1f} s]\n{text}")
 
     def probe(self, code: str, timeout: float = 120) -> str:
-        """The last line ``python -c code`` prints."""
-        return self.run([PY, "-c", code], timeout).strip().splitlines()[-1]
+        """The last line ``python -c code`` prints (run even with --dry-run: the tables need the machine)."""
+        return self.run([PY, "-c", code], timeout, probe=True).strip().splitlines()[-1]
 
     def passed(self, step: str, contains: str = "") -> list[Row]:
         return [r for r in self.rows if r.step == step and r.status == PASS and contains in r.name]
@@ -692,6 +735,8 @@ def run_step(c: Check, step: Step, selected: set[str]) -> list[Row]:
     start = time.monotonic()
     try:
         rows = step.run(c, min(step.budget_s if c.gpu else step.cpu_budget_s, c.remaining()))
+    except DryRun as e:
+        rows = [Row(step.name, step.title, SKIP, detail=f"dry run: {e}")]
     except Exception as e:  # a step's failure is its row; the run goes on
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         rows = [Row(step.name, step.title, FAIL, detail=line if isinstance(e, StepFailed) else f"{type(e).__name__}: {line}")]
@@ -752,6 +797,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: the steps that need no CUDA")
     p.add_argument("--quick", action="store_true", help="small models and counts (the CPU rehearsal)")
+    p.add_argument("--dry-run", action="store_true", help="build each step's command and check its flags with its "
+                   "script's parser, without running it (the test suite's rehearsal)")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "gpu-check"), help="folder for gpu_check.{json,md,log}")
     p.add_argument("--budget-s", type=float, default=480, help="global deadline: steps not started by then are SKIPPED")
     p.add_argument("--only", help="comma-separated steps to run (the others are SKIPPED): " + ",".join(s.name for s in STEPS))

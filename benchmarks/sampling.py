@@ -203,7 +203,8 @@ def describe(row: dict, naive: dict) -> str:
             f"{row['samples_per_s'] / naive['samples_per_s']:.1f}x)")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked, with the lists they name filled in (models, batches, methods, tile choices)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", help="comma-separated: mid, reference (default: both on CPU, reference on a GPU)")
@@ -217,22 +218,29 @@ def main() -> None:
     p.add_argument("--methods", help="comma-separated fast samplers to time (default: all the device has: cached on "
                                      "CPU; cached, eager, bf16, fused, fused-bf16 on a GPU); naive is always timed")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    tile_choices = [t for t in args.fused_tiles.split(",") if t]
-    for tiles in tile_choices:
+    args.tile_choices = [t for t in args.fused_tiles.split(",") if t]
+    for tiles in args.tile_choices:
         try:
             parse_tiles(tiles)
         except ValueError as e:
             p.error(str(e))
-    models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
-    batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
+    args.models = (args.models or ("reference" if gpu else "mid,reference")).split(",")
+    args.batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if gpu else "1,16,64,256")).split(",")]
     available = FAST_METHODS + FUSED_METHODS if gpu else ("cached",)
-    methods = args.methods.split(",") if args.methods else list(available)
-    if set(methods) - set(available):
-        p.error(f"--methods: {','.join(sorted(set(methods) - set(available)))} not among {','.join(available)} on {args.device}")
+    args.methods = args.methods.split(",") if args.methods else list(available)
+    if set(args.methods) - set(available):
+        p.error(f"--methods: {','.join(sorted(set(args.methods) - set(available)))} not among {','.join(available)} "
+                f"on {args.device}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    gpu, models, batches, methods = args.device.startswith("cuda"), args.models, args.batches, args.methods
     fast_methods = [(m, None) for m in methods]  # (method, fused kernel tiles or None for its defaults)
-    fast_methods += [(m, t) for t in tile_choices if gpu for m in FUSED_METHODS if m in methods]
+    fast_methods += [(m, t) for t in args.tile_choices if gpu for m in FUSED_METHODS if m in methods]
     rows = []
     for kind in models:
         ops = in_child(ops_per_pixel_step, kind)

@@ -97,7 +97,7 @@ def run(world: int, cfg: dict) -> dict:
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--hidden", type=int, default=128)
@@ -105,7 +105,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="images per worker per step (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--steps", type=int, help="timed steps (default: 3 on CPU, 50 on GPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     gpu = args.device != "cpu"
     base = {"device": args.device, "hidden": args.hidden, "blocks": args.blocks,
             "batch": args.batch or (256 if gpu else 16), "steps": args.steps or (50 if gpu else 3),

@@ -12,6 +12,10 @@ import pytest
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import gpu_check  # noqa: E402  (its parsers read these scripts' real output below, as on a GPU)
+
 
 def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> str:
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True, text=True,
@@ -20,36 +24,46 @@ def run_benchmark(script: str, *args: str, env: dict | None = None, timeout: flo
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_sampling_benchmark_times_cached_and_naive(tmp_path):
     out = tmp_path / "rows.json"
-    run_benchmark("sampling.py", "--models", "mid", "--batches", "1", "--naive-steps", "1", "--verify-naive", "1",
+    run_benchmark("sampling.py", "--models", "mid", "--batches", "1", "--naive-steps", "1", "--verify-naive", "0",
                   "--json", str(out))
     rows = json.loads(out.read_text())
     ops = [r["ops_per_pixel_step"] for r in rows if "ops_per_pixel_step" in r]
     assert len(ops) == 1 and 10 < ops[0] < 200
     timed = {(r["method"], r["how"]): r for r in rows if "samples_per_s" in r}
-    assert set(timed) == {("cached", "full run"), ("naive", "1 passes x 784"), ("naive", "full run")}
+    assert set(timed) == {("cached", "full run"), ("naive", "1 passes x 784")}
     for row in timed.values():
         assert row["samples_per_s"] > 0 and row["peak_mb"] > 0 and row["batch"] == 1
+    raw = [{**r, "run": 0} for r in rows]
+    [fast] = gpu_check.sampling_rows("s", raw, ["cached"], [1], {"cached": "cached"})
+    assert fast.status == gpu_check.PASS and fast.numbers["ratio_to_naive"] > 1
+    assert [r.name for r in gpu_check.naive_rows("s", raw, [1])] == ["cached sampler ops per pixel step (mid)", "naive, batch 1"]
 
 
+@pytest.mark.slow
 def test_training_benchmark_compares_one_and_two_workers():
     out = run_benchmark("train_throughput.py", "--hidden", "8", "--blocks", "1", "--batch", "4", "--steps", "1",
                         "--no-compile")
     rates = [line for line in out.splitlines() if "images/s per worker" in line]
     assert [line.split("  ")[0].strip() for line in rates] == ["eager fp32, 1 worker", "eager fp32, 2 workers"]
     assert all(float(line.split("images/s")[0].split()[-1]) > 0 for line in rates)
+    rows = gpu_check.throughput_rows(out)
+    assert [r.name for r in rows] == ["training step, eager fp32, 1 worker", "training step, eager fp32, 2 workers"]
 
 
 @pytest.mark.slow
-def test_generation_benchmark_runs_the_job_beside_the_bare_loop(local_ray_env):
+def test_generation_benchmark_runs_the_job_beside_the_bare_loop(ray_cluster):
     out = run_benchmark("generation.py", "--hidden", "8", "--blocks", "1", "--num-samples", "64", "--batch-size", "32",
-                        "--rows-per-file", "32", "--num-actors", "1", env=local_ray_env)
+                        "--rows-per-file", "32", "--num-actors", "1", env=ray_cluster.env)
     figures = {line.split(":")[0]: line.split(":")[1].split()[0] for line in out.splitlines() if ":" in line}
     bare, whole, ratio = (float(figures[k]) for k in ("bare sampler loop", "whole job", "ratio job / bare"))
     assert bare > 0 and whole > 0 and ratio == pytest.approx(whole / bare, abs=0.01)
+    assert gpu_check.parse_figures(out)["whole job"] == whole
 
 
+@pytest.mark.slow
 def test_generation_benchmark_measures_the_encode_rate():
     out = run_benchmark("generation.py", "--encode-only", "--hidden", "8", "--blocks", "1", "--batch-size", "32",
                         "--encode-batch", "64", "--gpu-rate", "6000")
@@ -60,13 +74,14 @@ def test_generation_benchmark_measures_the_encode_rate():
         per_core = float(rate.split(": ")[1].split()[0].replace(",", ""))
         percent = float(share.split(": ")[1].split("%")[0])
         assert per_core > 0 and percent == pytest.approx(100 * 6000 / (6000 + per_core), abs=1)
+    assert len(gpu_check.encode_rows(out)) == len(rates)
 
 
 @pytest.mark.slow
-def test_ingest_benchmark_decodes_and_delivers_every_source(local_ray_env, tmp_path):
+def test_ingest_benchmark_decodes_and_delivers_every_source(ray_cluster, tmp_path):
     out = tmp_path / "rows.json"
     run_benchmark("ingest.py", "--images", "256", "--decode-images", "32", "--steps", "0", "--json", str(out),
-                  env=local_ray_env)
+                  env=ray_cluster.env)
     rows = json.loads(out.read_text())
     got = {(r["measure"], r["source"], r.get("path")) for r in rows}
     own = ("folder", "s3", "parquet")
@@ -80,10 +95,10 @@ def test_ingest_benchmark_decodes_and_delivers_every_source(local_ray_env, tmp_p
 
 
 @pytest.mark.slow
-def test_ingest_benchmark_trains_from_a_folder(local_ray_env, tmp_path):
+def test_ingest_benchmark_trains_from_a_folder(ray_cluster, tmp_path):
     out = tmp_path / "rows.json"
     text = run_benchmark("ingest.py", "--images", "300", "--measures", "train", "--sources", "folder", "--steps", "3",
-                         "--log-every", "1", "--no-streamed", "--json", str(out), env=local_ray_env)
+                         "--log-every", "1", "--no-streamed", "--json", str(out), env=ray_cluster.env)
     train = [r for r in json.loads(out.read_text()) if r["measure"] == "train"]
     assert [(r["source"], r["path"], r["first_step"], r["last_step"]) for r in train] == [("folder", "in memory", 1, 3)]
     assert train[0]["images_per_s"] > 0 and train[0]["metric_images_per_s"] > 0 and train[0]["job_s"] > 0
@@ -91,11 +106,11 @@ def test_ingest_benchmark_trains_from_a_folder(local_ray_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_scoring_benchmark_runs_the_job_beside_the_bare_forward_pass(local_ray_env, tmp_path):
+def test_scoring_benchmark_runs_the_job_beside_the_bare_forward_pass(ray_cluster, tmp_path):
     out = tmp_path / "figures.json"
     text = run_benchmark("scoring.py", "--source", "folder", "--num-images", "64", "--batch-size", "32",
                          "--rows-per-file", "32", "--num-actors", "1", "--hidden", "8", "--blocks", "1",
-                         "--json", str(out), env=local_ray_env)
+                         "--json", str(out), env=ray_cluster.env)
     figures = json.loads(out.read_text())
     assert figures["images"] == 64 and figures["bare_images_per_s"] > 0 and figures["job_images_per_s"] > 0
     assert figures["ratio_job_pipeline"] == pytest.approx(figures["job_images_per_s"] / figures["bare_images_per_s"])
