@@ -1,6 +1,7 @@
 # make setup : create .venv here and install the project with its test tools (idempotent)
 # make train : setup, then train a small PixelCNN on MNIST in about 6 minutes on 2 CPU cores
-# make test  : setup, then the whole test suite (CPU only; starts its own local Ray and S3 endpoint)
+# make test  : setup, then the whole test suite (CPU only; starts its own local Ray and S3 endpoint), <= 15 min
+# make test-fast : setup, then the tests that start no Ray cluster and no job process (the inner loop)
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PYTHON := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/mnist
 TRAIN_FLAGS ?=
 
-.PHONY: setup train test clean gpu-check
+.PHONY: setup train test test-fast clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ train: setup
 
 test: setup
 	$(PYTHON) -m pytest -q --basetemp=/tmp/pixelcnn-pytest-$$$$ $(PYTEST_FLAGS)
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow" --basetemp=/tmp/pixelcnn-pytest-$$$$ $(PYTEST_FLAGS)
 
 # make gpu-check : the GPU acceptance run on one H100/H200, <= 8 minutes (docs/gpu.md); on a CPU:
 #                   make gpu-check GPU_CHECK_FLAGS="--device cpu --quick"

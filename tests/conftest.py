@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import json
 import os
 import signal
@@ -167,7 +170,9 @@ def process_titles(pids) -> dict[int, str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
-    """``ray start --head`` on 127.0.0.1 with 4 logical CPUs; stopped by PID (never ``ray stop``).
+    """``ray start --head`` on 127.0.0.1 with 4 logical CPUs, started once for the whole test run; stopped by
+    PID (never ``ray stop``). Its ``env`` names it in RAY_ADDRESS, as ``ray job submit`` does for a job, so
+    every job run with that environment joins it instead of starting a Ray of its own (~10 s each).
 
     Its workers inherit the fake AWS settings of the moto server, as instance profiles would give.
     """
@@ -185,7 +190,7 @@ def ray_cluster(s3):
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     info = type("Cluster", (), {
         "address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir,
-        "env": env,
+        "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
     })
     try:
         yield info
@@ -193,7 +198,9 @@ def ray_cluster(s3):
         stop_processes(cluster_pids(temp_dir))
 
 
-def stop_processes(pids, grace: float = 15.0) -> None:
+def stop_processes(pids, grace: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL what is left after ``grace`` seconds: a test cluster keeps nothing worth a
+    clean shutdown, and gcs_server and raylet can ignore SIGTERM for ~10 s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -216,6 +223,31 @@ def run_job(script: str, *args, env: dict, timeout: float = 300, check: bool = T
     return proc
 
 
+def run_main(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``jobs/<script>``'s ``main()`` in this process, as its command line would, with ``env`` as the
+    environment for the call; returns what ``run_job`` returns (status, stdout, stderr).
+
+    For refusals: no interpreter, torch and Ray start-up per case. A refusal that comes after the job
+    connects to Ray needs ``--address`` (a cluster of the session's): without one the job would start an
+    in-process Ray inside pytest. Each job keeps one ``run_job`` refusal for the real process's status."""
+    module = importlib.import_module(f"jobs.{script.removesuffix('.py')}")
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                module.main([str(arg) for arg in args])
+                code = 0
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def last_json_line(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
@@ -226,23 +258,35 @@ def local_ray_env(tmp_path_factory):
     return base_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="rl", dir="/tmp"))
 
 
-def interrupt_job(script: str, *args, env: dict, ready, waiting_for: str, timeout: float = 180) -> None:
-    """Start ``python jobs/<script>``, press Ctrl-C (SIGINT) once ``ready()``, and check how it stops: status
-    130 and, last on stderr, the one line that says to rerun."""
-    job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + timeout
-        while not ready():
-            assert time.time() < deadline and job.poll() is None, f"no {waiting_for} appeared"
-            time.sleep(0.1)
-        job.send_signal(signal.SIGINT)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 130, err[-3000:]
-    assert [line for line in err.splitlines() if line.strip()][-1] == "error: interrupted: rerun the same command to resume"
+def stop_job(script: str, *args, env: dict, ready, waiting_for: str, sig: int | None = signal.SIGINT, status: int = 130,
+             line: str = "error: interrupted: rerun the same command to resume", timeout: float = 180) -> str:
+    """Start ``python jobs/<script>``, send it ``sig`` once ``ready()`` (Ctrl-C by default; None: SIGKILL, as
+    a lost laptop), and check how it stops: ``status`` and, last on stderr, ``line`` (a SIGKILL is not
+    checked). Returns what it printed, stdout and stderr (files: an unread pipe could stall the job)."""
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs) / "out", Path(logs) / "err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=stdout,
+                                   stderr=stderr)
+        try:
+            deadline = time.time() + timeout
+            while not ready():
+                assert time.time() < deadline and job.poll() is None, \
+                    f"no {waiting_for} appeared: " + err.read_text()[-2000:]
+                time.sleep(0.1)
+            if sig is None:
+                job.kill()
+            else:
+                job.send_signal(sig)
+            job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+        printed, errors = out.read_text(), err.read_text()
+    if sig is not None:
+        assert job.returncode == status, errors[-3000:]
+        assert [x for x in errors.splitlines() if x.strip()][-1] == line, errors[-3000:]
+    return printed + errors
 
 
 def one_error_line(proc) -> str:
@@ -262,7 +306,9 @@ def nodes(s3):
     instance profiles give real nodes theirs."""
     from ray.cluster_utils import Cluster
 
-    env = base_env(**s3.env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    # A lost node is declared dead after 3 missed health checks 1 s apart, not Ray's default 5 at 3 s.
+    env = base_env(**s3.env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rn", dir="/tmp"), RAY_health_check_period_ms="1000",
+                   RAY_health_check_failure_threshold="3")
     os.makedirs(os.path.join(env["RAY_TMPDIR"], "ray"))  # where ray.cluster_utils notes the cluster's address
     saved = dict(os.environ)
     os.environ.clear()

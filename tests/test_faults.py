@@ -1,11 +1,10 @@
-"""Races and faults an adversarial user found: a second live writer with other flags, a lost S3 endpoint, a
-corrupt model.pt of a finished run, an oversized --subset, a foreign output folder, SIGTERM, a request too
-large to plan, and which checkpoint a rerun resumes from. Each ends in one line, nothing lost or doubled."""
+"""Races and faults an adversarial user found: a second live writer with other flags, a lost S3 endpoint, an
+oversized --subset, a foreign output folder, a request too large to plan. Each ends in one line, nothing
+lost or doubled. (SIGTERM, a corrupt model.pt of a finished run and the newest checkpoint on disk are in
+tests/test_train_job.py and tests/test_generate_job.py, beside the runs they reuse.)"""
 
 import json
 import resource
-import shutil
-import signal
 import subprocess
 import time
 
@@ -13,8 +12,8 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, last_json_line, one_error_line, randomize, run_job, start_moto
-from pixelcnn import PixelCNN, load_model
+from conftest import MNIST_ROOT, PYTHON, REPO, one_error_line, randomize, run_job, run_main, start_moto
+from pixelcnn import PixelCNN
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -104,68 +103,20 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
         server.kill()
 
 
-def test_a_finished_runs_corrupt_model_is_restored_from_its_checkpoint(local_ray_env, tmp_path):
-    args = [*SMALL, "--max-steps", 4, "--checkpoint-every", 2, "--storage", tmp_path, "--name", "done"]
-    run_job("train.py", *args, env=local_ray_env)
-    good = (tmp_path / "done" / "model.pt").read_bytes()
-    (tmp_path / "done" / "model.pt").write_bytes(good[:100])  # truncated
-    proc = run_job("train.py", *args, env=local_ray_env)
-    assert "was unusable" in proc.stdout and "restored it from checkpoint_000000004/model.pt" in proc.stdout
-    assert load_model(tmp_path / "done").config.hidden == 8
-    for folder in (tmp_path / "done").glob("checkpoint_0*"):
-        (folder / "model.pt").write_bytes(b"broken")
-    (tmp_path / "done" / "model.pt").write_bytes(b"broken")
-    proc = run_job("train.py", *args, env=local_ray_env, check=False)
-    assert "and the run holds no intact checkpoint_*/model.pt to restore it from" in one_error_line(proc)
-
-
-def test_a_subset_larger_than_the_dataset_is_refused(local_ray_env, tmp_path):
-    proc = run_job("train.py", *SMALL[:4], "--subset", 99999999, "--storage", tmp_path, env=local_ray_env, check=False)
+def test_a_subset_larger_than_the_dataset_is_refused(ray_cluster, tmp_path):
+    proc = run_main("train.py", *SMALL[:4], "--subset", 99999999, "--storage", tmp_path, env=ray_cluster.env)
     assert "--subset 99999999 is more than the 60000 training images of mnist" in one_error_line(proc)
     assert not any(tmp_path.iterdir())
 
 
-def test_an_output_folder_of_other_files_is_refused(checkpoint, local_ray_env, tmp_path):
+def test_an_output_folder_of_other_files_is_refused(checkpoint, ray_cluster, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep")
     (out / "data.parquet").write_bytes(b"PAR1")
-    proc = run_job("generate.py", "--checkpoint", checkpoint, "--num-samples", 10, "--output", out, env=local_ray_env,
-                   check=False)
+    proc = run_main("generate.py", "--checkpoint", checkpoint, "--num-samples", 10, "--output", out, env=ray_cluster.env)
     assert "holds files that are not this job's (data.parquet, notes.txt)" in one_error_line(proc)
     assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "notes.txt"]
-
-
-@pytest.mark.parametrize("script", ["generate.py", "train.py"])
-def test_sigterm_is_one_line_and_the_rerun_completes(script, checkpoint, local_ray_env, tmp_path):
-    """What `ray job stop` and Kubernetes send: status 143, one line, whole files kept, the same command resumes."""
-    out = tmp_path / "out"
-    if script == "generate.py":
-        args = ["--checkpoint", checkpoint, "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
-        ready = lambda: out.exists() and any(out.glob("part-*.parquet"))  # noqa: E731
-    else:
-        args = [*SMALL, "--epochs", 6, "--checkpoint-every", 8, "--storage", out, "--name", "t"]
-        ready = (out / "t" / "checkpoint_manager_snapshot.json").exists
-    job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=local_ray_env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while not ready():
-            assert time.time() < deadline and job.poll() is None, "the job wrote nothing"
-            time.sleep(0.1)
-        job.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 143, err[-3000:]
-    assert [x for x in err.splitlines() if x.strip()][-1] == "error: terminated: rerun the same command to resume"
-    assert not list(out.rglob(".tmp-*")), "a half-written file was left behind"
-    proc = run_job(script, *args, env=local_ray_env)
-    if script == "generate.py":
-        assert ids_of(out) == list(range(3000))
-    else:
-        assert "resuming from step" in proc.stdout and last_json_line(proc.stdout)["step"] == 48
 
 
 def test_a_request_too_large_to_plan_is_refused_at_once(checkpoint, local_ray_env, tmp_path):
@@ -176,16 +127,3 @@ def test_a_request_too_large_to_plan_is_refused_at_once(checkpoint, local_ray_en
     assert "10000000000 ids at 10000 per file make 1000000 part files" in one_error_line(proc)
     assert time.perf_counter() - started < 60 and not (tmp_path / "out").exists()
     assert max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) < 2_000_000  # KiB: no 10 GB mask
-
-
-def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(ray_cluster, tmp_path):
-    """The driver died after the run folder's model.pt (step 8) was written and before Ray Train registered
-    checkpoint_000000008: the rerun resumes from step 8, not from the last registered step 4."""
-    args = [*SMALL, "--epochs", 3, "--checkpoint-every", 4, "--storage", tmp_path, "--address", ray_cluster.address]
-    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=ray_cluster.env)
-    run_job("train.py", *args, "--max-steps", 8, "--name", "long", env=ray_cluster.env)
-    shutil.copy(tmp_path / "long" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest (4)
-    proc = run_job("train.py", *args, "--max-steps", 12, "--name", "short", env=ray_cluster.env)
-    assert "resuming from step 8" in proc.stdout
-    assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
-        [4, 8, 12]

@@ -185,6 +185,7 @@ def test_output_contract_and_bad_configs():
         GatedPixelCNN(hidden=8, layers=1)(torch.rand(1, 1, 28, 27))
 
 
+@pytest.mark.slow
 def test_class_conditioning_is_learned():
     """Briefly trained on synthetic bars (class 0 horizontal, 1 vertical), the model gives held-out
     images a clearly higher likelihood under their true label than under the other one."""

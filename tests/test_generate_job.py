@@ -1,5 +1,7 @@
 """jobs/generate.py end to end: Ray Data actors on a real local Ray cluster, Parquet on loopback S3."""
 
+import re
+import signal
 import subprocess
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import interrupt_job, kill_an_actor_midway, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, s3_keys
+from conftest import kill_an_actor_midway, stop_job, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, run_main, s3_keys
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
@@ -58,6 +60,12 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
     summary = last_json_line(proc.stdout)
     assert summary["samples"] == 240 and summary["total_rows"] == 240 and summary["output"] == "s3://pixelcnn/samples/a"
     assert summary["files"] == 6 and "generated 240 samples" in proc.stdout
+    # start-up and the pipeline apart: the actors' time stamp travels through Ray Data to the summary
+    assert 0 < summary["startup_seconds"] and 0 < summary["pipeline_seconds"]
+    assert summary["startup_seconds"] + summary["pipeline_seconds"] == pytest.approx(summary["seconds"], abs=0.002)
+    assert summary["pipeline_samples_per_s"] > summary["samples_per_s"]
+    assert re.search(r"generated 240 samples in [\d.]+ s: [\d.]+ s start-up, [\d.]+ s pipeline \([\d.]+ samples/s\)",
+                     proc.stdout)
     table, files = read_rows(s3, "samples/a/")
     assert len(files) == 6 and files[0].endswith("part-000000000000-000000000039.parquet")
     assert pq.read_schema(files[0], filesystem=s3_fs(s3)).equals(SAMPLE_SCHEMA)
@@ -83,8 +91,8 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
 
     # Rerun after success: nothing new is written, not even rewritten (the preview neither).
     before = etags(s3, "samples/a/")
-    again = run_job("generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
-                    "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, "--preview", 9, env=ray_cluster.env)
+    again = run_main("generate.py", "--checkpoint", "s3://pixelcnn/models/plain", "--num-samples", 240, "--output",
+                     "s3://pixelcnn/samples/a", "--seed", 7, "--rows-per-file", 40, "--preview", 9, env=ray_cluster.env)
     assert last_json_line(again.stdout)["samples"] == 0
     assert etags(s3, "samples/a/") == before
 
@@ -103,11 +111,11 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
     assert table2.column("image_png").to_pylist() == table.column("image_png").to_pylist()
 
 
-def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, local_ray_env, tmp_path):
+def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, ray_cluster, tmp_path):
     """In-process Ray, local output, other batch size / actors / file size: same images as pixelcnn.sample."""
     out = tmp_path / "out"
     run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 50, "--output", out, "--seed", 7,
-            "--rows-per-file", 25, "--num-actors", 1, "--batch-size", 7, env=local_ray_env)
+            "--rows-per-file", 25, "--num-actors", 1, "--batch-size", 7, env=ray_cluster.env)
     table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
     assert sorted(p.name for p in out.iterdir()) == [
         "_manifest.json", "part-000000000000-000000000024.parquet", "part-000000000025-000000000049.parquet"]
@@ -116,11 +124,11 @@ def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, local_
     assert np.array_equal(images, expected.images.numpy())
 
 
-def test_bfloat16_samples_and_a_rerun_in_float32_is_refused(s3, checkpoints, local_ray_env, tmp_path):
+def test_bfloat16_samples_and_a_rerun_in_float32_is_refused(s3, checkpoints, ray_cluster, tmp_path):
     """--dtype bfloat16 samples with a bfloat16 copy of the model; an output holds one dtype only."""
     out = tmp_path / "bf16"
     run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 30, "--output", out, "--seed", 3,
-            "--dtype", "bfloat16", "--rows-per-file", 30, env=local_ray_env)
+            "--dtype", "bfloat16", "--rows-per-file", 30, env=ray_cluster.env)
     table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
     assert set(table.column("dtype").to_pylist()) == {"bfloat16"}
     images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
@@ -132,16 +140,16 @@ def test_bfloat16_samples_and_a_rerun_in_float32_is_refused(s3, checkpoints, loc
     assert np.allclose(table.column("log_prob").to_numpy(), bfloat16.log_prob.numpy(), atol=1e-3)
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    proc = run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 60, "--output", out,
-                   "--seed", 3, env=local_ray_env, check=False)
+    proc = run_main("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 60, "--output", out,
+                    "--seed", 3, env=ray_cluster.env)
     assert "holds rows of another request (dtype 'bfloat16' -> 'float32')" in one_error_line(proc)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-def test_conditional_labels(s3, checkpoints, local_ray_env, tmp_path):
+def test_conditional_labels(s3, checkpoints, ray_cluster, tmp_path):
     out = tmp_path / "cond"
     run_job("generate.py", "--checkpoint", checkpoints["cond"], "--num-samples", 30, "--output", out,
-            "--label-probs", "0,0,1,0,0,0,0,0,3,0", "--rows-per-file", 30, env=local_ray_env)
+            "--label-probs", "0,0,1,0,0,0,0,0,3,0", "--rows-per-file", 30, env=ray_cluster.env)
     table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
     labels = table.column("label").to_pylist()
     assert set(labels) <= {2, 8} and labels == labels_for_ids(0, np.arange(30), [0, 0, .25, 0, 0, 0, 0, 0, .75, 0]).tolist()
@@ -160,17 +168,6 @@ def test_killed_actor_still_every_id_exactly_once(ray_cluster, s3, checkpoints):
     table, files = read_rows(s3, "samples/kill/")
     assert table.column("id").to_pylist() == list(range(960))  # sorted: every id once, none twice
     assert len(files) == 120
-
-
-def test_ray_job_submit(ray_cluster, s3, checkpoints):
-    cmd = [REPO / ".venv/bin/ray" if (REPO / ".venv/bin/ray").exists() else "ray", "job", "submit", "--address",
-           ray_cluster.dashboard, "--working-dir", ".", "--", "python", "jobs/generate.py", "--checkpoint",
-           "s3://pixelcnn/models/plain", "--num-samples", 20, "--output", "s3://pixelcnn/samples/submitted",
-           "--rows-per-file", 10, "--num-actors", 2]
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table, _ = read_rows(s3, "samples/submitted/")
-    assert table.column("id").to_pylist() == list(range(20))
 
 
 def test_a_failure_inside_ray_data_is_named_by_its_own_message():
@@ -208,7 +205,7 @@ def test_an_io_error_ray_data_retried_is_named_by_its_own_message_not_the_retry_
 
 
 RAY_DATA_ACTOR_FAILURE = """
-import sys
+import os
 import ray
 from jobs.common import root_cause
 
@@ -219,7 +216,7 @@ class Fails:
         except KeyError as error:
             raise OverflowError("the user's own message") from error
 
-ray.init(address="local", include_dashboard=False)
+ray.init(address=os.environ["RAY_ADDRESS"])  # the session's cluster
 try:
     ray.data.from_items([{"x": 1}]).map_batches(Fails, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1),
                                                 num_cpus=0.5).materialize()
@@ -228,10 +225,10 @@ except Exception as error:
 """
 
 
-def test_an_actors_error_is_named_by_its_own_message(local_ray_env, tmp_path):
+def test_an_actors_error_is_named_by_its_own_message(ray_cluster):
     """A failed Ray Data task's error text chains the user's tracebacks (here an error raised from
     another) and then Ray's wrapper with its advice on retries: the one error line is the user's error."""
-    proc = subprocess.run([PYTHON, "-c", RAY_DATA_ACTOR_FAILURE], cwd=REPO, env=local_ray_env, capture_output=True,
+    proc = subprocess.run([PYTHON, "-c", RAY_DATA_ACTOR_FAILURE], cwd=REPO, env=ray_cluster.env, capture_output=True,
                           text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ROOT CAUSE:")]
     assert lines == ["ROOT CAUSE: OverflowError: the user's own message"], proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -248,14 +245,20 @@ def test_a_job_started_from_another_folder(checkpoints, local_ray_env, tmp_path)
     assert sorted(table.column("id").to_pylist()) == list(range(6))
 
 
-def test_ctrl_c_is_one_line_and_the_rerun_completes(checkpoints, local_ray_env, tmp_path):
-    """Ctrl-C mid-run: one error line and status 130; the part files written are whole, so the same
-    command again fills in the rest, every id once."""
+def test_sigterm_and_ctrl_c_are_one_line_and_the_rerun_completes(checkpoints, local_ray_env, tmp_path):
+    """SIGTERM (what `ray job stop` and Kubernetes send) mid-run, then Ctrl-C mid-rerun: each ends with status
+    143 or 130 and one line, leaves only whole part files, and the same command again fills in the rest,
+    every id once. On a job's own in-process Ray, as on a laptop."""
     out = tmp_path / "out"
     args = ["--checkpoint", checkpoints["plain"], "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
-    interrupt_job("generate.py", *args, env=local_ray_env, waiting_for="part file",
-                  ready=lambda: out.exists() and any(p.name.startswith("part-") for p in out.iterdir()))
-    assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 3000, "interrupted too late to test a resume"
+    parts = lambda: len(list(out.glob("part-*.parquet"))) if out.exists() else 0  # noqa: E731
+    for sig, status, line in ((signal.SIGTERM, 143, "error: terminated: rerun the same command to resume"),
+                              (signal.SIGINT, 130, "error: interrupted: rerun the same command to resume")):
+        written = parts()
+        stop_job("generate.py", *args, env=local_ray_env, sig=sig, status=status, line=line,
+                 ready=lambda: parts() > written, waiting_for="a new part file")
+        assert not list(out.glob(".tmp-*")), "a half-written file was left behind"
+        assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 3000, "stopped too late to test a resume"
     run_job("generate.py", *args, env=local_ray_env)
     assert sorted(pads.dataset(str(out), format="parquet").to_table().column("id").to_pylist()) == list(range(3000))
 
@@ -263,8 +266,10 @@ def test_ctrl_c_is_one_line_and_the_rerun_completes(checkpoints, local_ray_env, 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "not-a-checkpoint", "bucket", "zero", "fused-cpu", "label",
                                   "label-probs", "unconditional", "gpus", "cpus", "cpus-zero", "gpus-nan", "other-seed",
                                   "seed-range"])
-def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
-    env = {**local_ray_env, **s3.env}
+def test_fail_fast(case, s3, checkpoints, ray_cluster, tmp_path):
+    """Refused in this process (no start-up per case), before anything is written; the checks of the actors'
+    resources connect to the session's cluster."""
+    env = ray_cluster.env
     ckpt, out, extra = checkpoints["plain"], tmp_path / "out", []
     if case == "missing":
         ckpt = tmp_path / "nothing"
@@ -297,10 +302,12 @@ def test_fail_fast(case, s3, checkpoints, local_ray_env, tmp_path):
     elif case == "seed-range":  # the random streams hash a 64-bit seed
         extra = ["--seed", 2**63]
     elif case == "other-seed":
-        run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1, env=env)
+        run_job("generate.py", "--checkpoint", ckpt, "--num-samples", 4, "--output", out, "--seed", 1,
+                "--address", ray_cluster.address, env=env)
         extra = ["--seed", 2]
-    proc = run_job("generate.py", "--checkpoint", ckpt, "--output", out, *(extra or ["--num-samples", 4]),
-                   *(["--num-samples", 4] if extra and "--num-samples" not in extra else []), env=env, check=False)
+    proc = run_main("generate.py", "--checkpoint", ckpt, "--output", out, *(extra or ["--num-samples", 4]),
+                    *(["--num-samples", 4] if extra and "--num-samples" not in extra else []),
+                    "--address", ray_cluster.address, env=env)
     line = one_error_line(proc)
     expected = {
         "missing": "checkpoint not found", "corrupt": "corrupt", "bucket": "bucket 'no-such-bucket' does not exist",

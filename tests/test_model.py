@@ -46,6 +46,7 @@ def test_bad_config_values():
         PixelCNN(norm="layer")
 
 
+@pytest.mark.slow
 def test_small_model_overfits_a_handful_of_images(mnist_root):
     from pixelcnn import load_dataset
 

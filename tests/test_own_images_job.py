@@ -2,6 +2,7 @@
 loopback S3 endpoint, read by Ray Data; Parquet written by jobs/generate.py; exact test figures; one line
 for each bad input."""
 
+import io
 import json
 import subprocess
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, run_job
+from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, run_job, run_main
 from pixelcnn import PixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
@@ -36,12 +37,14 @@ def folder(tmp_path_factory, s3):
     return root
 
 
-def test_a_folder_trains_with_two_workers_and_its_test_figure_is_exact(folder, ray_cluster, s3, tmp_path):
-    """On S3 through Ray Data: labels are the folder classes, the model is RGB at the images' size, and the
-    reported test bits/dim is pixelcnn.evaluate's on the same test images loaded in memory."""
-    proc = run_job("train.py", "--dataset", "s3://pixelcnn/images", *FLAGS, "--conditional", "--num-workers", 2,
-                   "--storage", "s3://pixelcnn/runs", "--name", "own", "--address", ray_cluster.address,
-                   env=ray_cluster.env)
+def test_a_folder_on_s3_trains_with_two_workers_to_one_process_weights_and_an_exact_test_figure(folder, ray_cluster, s3,
+                                                                                                  tmp_path):
+    """On S3 through Ray Data: labels are the folder classes, the model is RGB at the images' size, the
+    reported test bits/dim is pixelcnn.evaluate's on the same test images loaded from disk, and two workers
+    reach the weights one process computes from the local copy (data in memory is batched by (seed, epoch,
+    step) alone). A rerun of the name on other data under the same folder is refused, stored -> requested."""
+    args = ["--dataset", "s3://pixelcnn/images", *FLAGS, "--conditional", "--storage", "s3://pixelcnn/runs", "--name", "own"]
+    proc = run_job("train.py", *args, "--num-workers", 2, env=ray_cluster.env)
     final = last_json_line(proc.stdout)
     assert final["done"] and final["world_size"] == 2
     assert "data: " in proc.stdout and "3 classes, in memory" in proc.stdout
@@ -56,46 +59,46 @@ def test_a_folder_trains_with_two_workers_and_its_test_figure_is_exact(folder, r
     exact = evaluate(model, test)["bits_per_dim"]
     assert final["test_bits_per_dim"] == pytest.approx(exact, rel=1e-9)
 
+    # One process (pixelcnn.training.train, no Ray) on the local copy of the folder: the same weights.
+    from jobs.train import parse_args
+    from pixelcnn.training import Runtime, train
 
-def test_one_and_two_workers_reach_the_same_weights_on_a_folder(folder, ray_cluster, tmp_path):
-    """Local folder: the data in memory is batched by (seed, epoch, step) alone."""
-    on_cluster = ["--address", ray_cluster.address]
-    for workers in (1, 2):
-        run_job("train.py", "--dataset", folder, *FLAGS, "--max-steps", 5, "--num-workers", workers,
-                "--storage", tmp_path, "--name", f"w{workers}", *on_cluster, env=ray_cluster.env)
-    one = torch.load(tmp_path / "w1" / "model.pt", weights_only=True)
-    two = torch.load(tmp_path / "w2" / "model.pt", weights_only=True)
-    for name, value in one["training"]["raw_state"].items():
-        assert torch.allclose(value, two["training"]["raw_state"][name], atol=2e-5, rtol=1e-4), name
+    cfg, _ = parse_args([str(a) for a in ["--dataset", folder, *FLAGS, "--conditional"]])
+    train(cfg, Runtime(str(tmp_path / "one"), log=lambda *a, **k: None))
+    one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["training"]["raw_state"]
+    two = torch.load(tmp_path / "model.pt", weights_only=True)["training"]["raw_state"]
+    for name, value in one.items():
+        assert torch.allclose(value, two[name], atol=2e-5, rtol=1e-4), name
     torch.manual_seed(0)
-    init = PixelCNN(in_channels=3, image_size=(8, 8), hidden=8, blocks=1).state_dict()
-    assert any(not torch.allclose(init[n], one["training"]["raw_state"][n]) for n in init)  # training moved them
-    # a rerun of the name on other data under the same folder is refused, stored -> requested
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "cats" / "new.png")
+    init = PixelCNN(in_channels=3, image_size=(8, 8), hidden=8, blocks=1, num_classes=3).state_dict()
+    assert any(not torch.allclose(init[n], one[n]) for n in init)  # training moved them
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    s3.client.put_object(Bucket="pixelcnn", Key="images/cats/new.png", Body=buffer.getvalue())
     try:
-        proc = run_job("train.py", "--dataset", folder, *FLAGS, "--max-steps", 6, "--storage", tmp_path, "--name", "w1",
-                       *on_cluster, env=ray_cluster.env, check=False)
+        proc = run_main("train.py", *args, "--epochs", 2, env=ray_cluster.env)
         assert "was trained on other data under" in one_error_line(proc)
     finally:
-        (folder / "cats" / "new.png").unlink()
+        s3.client.delete_object(Bucket="pixelcnn", Key="images/cats/new.png")
 
 
-def test_the_generation_jobs_parquet_trains_as_a_dataset(local_ray_env, tmp_path):
+def test_the_generation_jobs_parquet_trains_as_a_dataset(ray_cluster, tmp_path):
     """Distillation: samples of one model, as generate.py writes them, are another model's training data."""
     torch.manual_seed(0)
     teacher = randomize(PixelCNN(hidden=8, blocks=1, image_size=(6, 6)), std=0.2)
     save_checkpoint(tmp_path / "teacher" / "model.pt", checkpoint_dict(teacher, step=1, dataset="test"))
     run_job("generate.py", "--checkpoint", tmp_path / "teacher", "--num-samples", 160, "--rows-per-file", 80,
-            "--output", tmp_path / "samples", env=local_ray_env)
+            "--output", tmp_path / "samples", env=ray_cluster.env)
     proc = run_job("train.py", "--dataset", tmp_path / "samples", "--hidden", 8, "--blocks", 1, "--batch-size", 32,
-                   "--grid-samples", 0, "--storage", tmp_path / "runs", "--name", "student", env=local_ray_env)
+                   "--grid-samples", 0, "--storage", tmp_path / "runs", "--name", "student", env=ray_cluster.env)
     assert last_json_line(proc.stdout)["done"]
     student = load_model(tmp_path / "runs" / "student")
     assert (student.config.in_channels, student.config.image_size, student.config.num_classes) == (1, (6, 6), 0)
 
 
 STREAMED = """
-import json, sys, numpy as np, torch, ray, ray.train
+import json, os, sys, numpy as np, torch, ray, ray.train
 from ray.train.torch import TorchTrainer
 from jobs.datasets import find_source, read_images
 from jobs.train import StreamedBatches
@@ -114,7 +117,7 @@ def loop(config):
     with open(f"{config['out']}/seen-{context.get_world_rank()}.json", "w") as f:
         json.dump({"seen": seen, "per_epoch": batches.steps_per_epoch}, f)
 
-ray.init(address="local", include_dashboard=False)
+ray.init(address=os.environ["RAY_ADDRESS"])  # the session's cluster
 source, s3 = find_source(sys.argv[1], None, TrainConfig(dataset=sys.argv[1]).image_options(test_fraction=0))
 options = TrainConfig(dataset=sys.argv[1], test_fraction=0).image_options()
 cfg = TrainConfig(dataset=sys.argv[1], batch_size=7, test_fraction=0, dataset_shape=(3, 8, 8), dataset_train_images=len(source))
@@ -129,12 +132,12 @@ print("DONE")
 """
 
 
-def test_the_streamed_path_sees_no_image_twice_in_an_epoch(folder, local_ray_env, tmp_path):
+def test_the_streamed_path_sees_no_image_twice_in_an_epoch(folder, ray_cluster, tmp_path):
     """Data too large for memory streams through Ray Data's split: what it guarantees is that each epoch is
     floor(floor(N / workers) / ceil(B / workers)) global batches of exactly B images, each worker its exact
     share, and no image twice in an epoch (which images form a batch depends on Ray Data's scheduling)."""
     proc = subprocess.run([PYTHON, "-c", STREAMED, str(folder), str(tmp_path)], cwd=REPO,
-                          env={**local_ray_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+                          env={**ray_cluster.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert "DONE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
     per_epoch = (300 // 2) // 4  # ceil(7 / 2) = 4 images per step for the larger share
@@ -185,8 +188,8 @@ def test_bad_data_is_one_line_and_leaves_the_run_folder_as_it_was(case, folder, 
     elif case == "subset":
         extra = ["--subset", 1000]
         expected = "--subset 1000 is more than the"
-    # On the session's cluster: a job's own in-process Ray would add ~12 s of start-up to each case.
-    proc = run_job("train.py", "--dataset", data, "--batch-size", 8, *extra, "--storage", tmp_path / "runs", "--name", "bad",
-                   "--address", ray_cluster.address, env=ray_cluster.env, check=False)
+    # In this process, on the session's cluster: no interpreter or Ray start-up per case.
+    proc = run_main("train.py", "--dataset", data, "--batch-size", 8, *extra, "--storage", tmp_path / "runs", "--name", "bad",
+                    "--address", ray_cluster.address, env=ray_cluster.env)
     assert expected in one_error_line(proc), proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists(), "a refused run must write nothing"

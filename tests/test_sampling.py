@@ -142,6 +142,7 @@ def test_cached_equals_naive_float32(channels):
     assert torch.allclose(naive.log_prob[same], cached.log_prob[same], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cached_equals_naive_after_training(mnist_root):
     """A briefly trained (peaked, MNIST-like) model, 28x28, float64."""
     from pixelcnn import load_dataset

@@ -3,6 +3,7 @@ Ray Data actors, written exactly once; agreement with the library and with jobs/
 
 import io
 import math
+import re
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, run_job, s3_keys
+from conftest import MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, run_job, run_main, s3_keys
 from pixelcnn import PixelCNN, evaluate, load_dataset, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.likelihood import model_logits, nll_per_image
@@ -39,15 +40,18 @@ def read(out):
     return pads.dataset(str(out), format="parquet").to_table().sort_by("id")
 
 
-def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(local_ray_env, tmp_path):
+def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(ray_cluster, tmp_path):
     model = save_model(tmp_path / "model", image_size=(6, 6)).double()
     images = grey_folder(tmp_path / "images", 60)
     proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
                    "--dtype", "float64", "--batch-size", 7, "--num-actors", 2, "--rows-per-file", 25, "--per-pixel",
-                   "--report", 3, env=local_ray_env)
+                   "--report", 3, env=ray_cluster.env)
     summary = last_json_line(proc.stdout)
     assert summary["images"] == summary["total_rows"] == 60 and summary["files"] == 3
     assert "bits/dim: mean" in proc.stdout
+    assert summary["startup_seconds"] + summary["pipeline_seconds"] == pytest.approx(summary["seconds"], abs=0.002)
+    assert re.search(r"scored 60 images in [\d.]+ s: [\d.]+ s start-up, [\d.]+ s pipeline \([\d.]+ images/s\)",
+                     proc.stdout)
     table = read(tmp_path / "out")
     assert table.schema.equals(SCORE_SCHEMA) and table.column("id").to_pylist() == list(range(60))
     data = load_dataset(str(images), test_fraction=0)
@@ -61,16 +65,16 @@ def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(lo
     assert heat.shape == (1, 6, 6) and heat.max() > 0
     report = Image.open(io.BytesIO((tmp_path / "out" / "_report.png").read_bytes()))
     assert report.size[0] > 100 and report.size[1] > 200
-    again = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
-                    "--dtype", "float64", "--per-pixel", env=local_ray_env)
+    again = run_main("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
+                     "--dtype", "float64", "--per-pixel", env=ray_cluster.env)
     assert last_json_line(again.stdout)["images"] == 0  # a rerun after success writes nothing
 
 
-def test_the_mean_over_mnist_test_is_evaluates_bits_per_dim(local_ray_env, tmp_path):
+def test_the_mean_over_mnist_test_is_evaluates_bits_per_dim(ray_cluster, tmp_path):
     model = save_model(tmp_path / "model").double()
     proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", "mnist", "--data-dir", MNIST_ROOT,
                    "--split", "test", "--output", tmp_path / "out", "--dtype", "float64", "--batch-size", 500,
-                   "--rows-per-file", 5000, env=local_ray_env, timeout=600)
+                   "--rows-per-file", 5000, env=ray_cluster.env, timeout=600)
     test = load_dataset("mnist", MNIST_ROOT, train=False)
     expected = evaluate(model, test, batch_size=500)["bits_per_dim"]
     assert last_json_line(proc.stdout)["bits_per_dim_mean"] == pytest.approx(expected, rel=1e-6)
@@ -80,15 +84,15 @@ def test_the_mean_over_mnist_test_is_evaluates_bits_per_dim(local_ray_env, tmp_p
     assert table.column("label").to_pylist()[:5] == test.labels[:5].tolist()
 
 
-def test_generated_samples_score_as_their_own_log_prob(local_ray_env, tmp_path):
+def test_generated_samples_score_as_their_own_log_prob(ray_cluster, tmp_path):
     """The two jobs agree: generate.py's log_prob column (the sampler's, float32) is score.py's likelihood
     of the same images; scored in float64 they are the float64 model's exact ones."""
     model = save_model(tmp_path / "model", image_size=(5, 4))
     run_job("generate.py", "--checkpoint", tmp_path / "model", "--num-samples", 30, "--output", tmp_path / "samples",
-            "--rows-per-file", 30, env=local_ray_env)
+            "--rows-per-file", 30, env=ray_cluster.env)
     for dtype, tolerance in (("float32", 1e-3), ("float64", 1e-3)):
         run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
-                tmp_path / dtype, "--dtype", dtype, env=local_ray_env)
+                tmp_path / dtype, "--dtype", dtype, env=ray_cluster.env)
         generated, scored = read(tmp_path / "samples"), read(tmp_path / dtype)
         assert scored.column("row").to_pylist() == list(range(30))
         assert np.allclose(scored.column("log_prob").to_numpy(), generated.column("log_prob").to_numpy(), atol=tolerance)
@@ -99,7 +103,7 @@ def test_generated_samples_score_as_their_own_log_prob(local_ray_env, tmp_path):
     assert np.allclose(scored.column("log_prob").to_numpy()[same], exact.log_prob.numpy()[same], rtol=1e-9, atol=0)
 
 
-def test_outliers_rank_at_the_unlikely_end(local_ray_env, tmp_path):
+def test_outliers_rank_at_the_unlikely_end(ray_cluster, tmp_path):
     """What a user would run: MNIST digits with inverted and noise images mixed in, scored by a model
     trained briefly on MNIST: the foreign images are the least likely."""
     cfg = TrainConfig(dataset="mnist", data_dir=str(MNIST_ROOT), subset=2048, test_subset=64, hidden=16, blocks=2,
@@ -115,7 +119,7 @@ def test_outliers_rank_at_the_unlikely_end(local_ray_env, tmp_path):
         Image.fromarray(255 - digits[k]).save(folder / f"inverted-{k}.png")
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"noise-{k}.png")
     run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", folder, "--output", tmp_path / "out",
-            "--report", 5, env=local_ray_env)
+            "--report", 5, env=ray_cluster.env)
     table = read(tmp_path / "out").sort_by([("bits_per_dim", "descending")])
     unlikely = [s.rsplit("/", 1)[1] for s in table.column("source").to_pylist()[:10]]
     assert all(name.startswith(("inverted", "noise")) for name in unlikely), unlikely
@@ -156,9 +160,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, ray_cluster, tmp_path):
     elif case == "foreign":
         out.mkdir()
         (out / "notes.txt").write_text("mine")
-    on_cluster = ["--address", ray_cluster.address]  # the session's cluster: no Ray start-up per case
-    proc = run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, *extra, *on_cluster,
-                   env=ray_cluster.env, check=False)
+    on_cluster = ["--address", ray_cluster.address]  # the session's cluster, from this process: no start-up per case
+    proc = run_main("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, *extra, *on_cluster,
+                    env=ray_cluster.env)
     expected = {"size": "the model takes images [1, 6, 6] (C, H, W), and 000.png is 7x6 L: pass --resize",
                 "missing-checkpoint": "checkpoint not found", "undecodable": "003.png is not a decodable image",
                 "split-empty": "the test split of", "foreign": "holds files that are not this job's (notes.txt)"}[case]

@@ -3,14 +3,16 @@
 import io
 import json
 import re
+import shutil
+import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from conftest import interrupt_job, one_error_line, MNIST_ROOT, PYTHON, REPO, cluster_pids, last_json_line, process_titles, run_job, s3_keys
-from pixelcnn import load_model
+from conftest import MNIST_ROOT, PYTHON, REPO, base_env, cluster_pids, last_json_line, one_error_line, process_titles, run_job, run_main, s3_keys, stop_job
+from pixelcnn import PixelCNN, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -25,64 +27,40 @@ def s3_model(s3, key):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def test_two_ddp_workers_checkpoint_to_s3_and_match_one_worker(ray_cluster, s3, local_ray_env, tmp_path):
-    proc = run_job(
-        "train.py", *SMALL, "--max-steps", 4, "--checkpoint-every", 2, "--num-workers", 2,
-        "--storage", "s3://pixelcnn/runs", "--name", "ddp2", "--address", ray_cluster.address, env=ray_cluster.env,
-    )
-    final = last_json_line(proc.stdout)
-    assert final["step"] == 4 and final["done"] and 0 < final["test_bits_per_dim"] < 8.5
-    keys = s3_keys(s3.client, "pixelcnn", "runs/ddp2/")
-    for name in ("model.pt", "metrics.jsonl", "config.json", "samples_epoch_001.png"):
-        assert f"runs/ddp2/{name}" in keys
-    assert "runs/ddp2/checkpoint_000000002/model.pt" in keys and "runs/ddp2/checkpoint_000000004/model.pt" in keys
-    metrics = [json.loads(line) for line in s3.client.get_object(Bucket="pixelcnn", Key="runs/ddp2/metrics.jsonl")["Body"].read().decode().splitlines()]
-    assert [m["step"] for m in metrics] == [2, 4]
-    assert all({"train_bits_per_dim", "test_bits_per_dim", "images_per_s", "lr"} <= m.keys() for m in metrics)
-
-    # The same global batch on one worker (in-process Ray, local storage) reaches the same weights.
-    run_job("train.py", *SMALL, "--max-steps", 4, "--num-workers", 1, "--storage", tmp_path, "--name", "one", env=local_ray_env)
-    two = s3_model(s3, "runs/ddp2/model.pt")["model_state"]
-    one = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model_state"]
-    for name in one:
-        assert torch.allclose(one[name], two[name], atol=2e-5, rtol=1e-4), name
-    # ... and training moved them: the comparison is not between two untouched initialisations.
-    torch.manual_seed(0)
-    from pixelcnn import PixelCNN
-    init = PixelCNN(hidden=8, blocks=1).state_dict()
-    assert any(not torch.allclose(init[n], one[n]) for n in one)
-    model = load_model(tmp_path / "one")
-    assert model.config.hidden == 8
+def resumed_from(out: str) -> list[int]:
+    return [int(m) for m in re.findall(r"resuming from step (\d+)", out)]
 
 
-def test_rerun_of_finished_run_trains_nothing(ray_cluster, s3):
-    args = [*SMALL, "--max-steps", 2, "--storage", "s3://pixelcnn/runs", "--name", "rerun", "--address", ray_cluster.address]
-    run_job("train.py", *args, env=ray_cluster.env)
-    before = {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", "runs/rerun/")}
-    for shorter in ([], ["--max-steps", 1]):  # the same request again, or one that asks for less
-        proc = run_job("train.py", *args, *shorter, env=ray_cluster.env)
-        assert "already trained to step 2 (0 epochs), as far as --epochs/--max-steps ask: nothing to train" in proc.stdout
-        assert last_json_line(proc.stdout)["step"] == 2
-        after = {k: s3.client.head_object(Bucket="pixelcnn", Key=k)["ETag"] for k in s3_keys(s3.client, "pixelcnn", "runs/rerun/")}
-        assert after == before
+def in_process_run(args, run_dir):
+    """The same flags trained by the library's single-process loop (``pixelcnn.training.train``, no Ray):
+    what one worker computes."""
+    from jobs.train import parse_args
+    from pixelcnn.training import Runtime, train
+
+    cfg, _ = parse_args([str(a) for a in args])
+    train(cfg, Runtime(str(run_dir), log=lambda *a, **k: None))
+    return torch.load(run_dir / "model.pt", weights_only=True)
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_cluster, s3):
-    args = [
-        "--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 512, "--test-subset", 32, "--hidden", 32,
-        "--blocks", 4, "--batch-size", 64, "--epochs", 5, "--checkpoint-every", 4, "--grid-samples", 0,
-        "--num-workers", 2, "--cpus-per-worker", 1, "--max-failures", 2, "--storage", "s3://pixelcnn/runs",
-        "--name", "kill", "--address", ray_cluster.address,
-    ]
-    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+# Two DDP workers in float64 (so the comparison with one process is exact to rounding): 8 steps an epoch.
+DDP = [*SMALL, "--max-steps", 24, "--epochs", 3, "--checkpoint-every", 4, "--precision", "float64"]
+
+
+def test_two_ddp_workers_on_s3_resume_a_killed_worker_and_match_one_process(ray_cluster, s3, tmp_path):
+    """Ray Train DDP with checkpoints on S3: a worker SIGKILLed after the first checkpoint, the group restarts
+    from it, and the run still ends with the weights one process computes uninterrupted."""
+    args = [*DDP, "--num-workers", 2, "--max-failures", 2, "--storage", "s3://pixelcnn/runs", "--name", "ddp2"]
+    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
         # Ray Train registers a checkpoint (and rewrites its snapshot) a little after the upload:
         # kill only once one is registered, so a restart has something to resume from.
-        while "runs/kill/checkpoint_manager_snapshot.json" not in s3_keys(s3.client, "pixelcnn", "runs/kill/"):
+        while "runs/ddp2/checkpoint_manager_snapshot.json" not in s3_keys(s3.client, "pixelcnn", "runs/ddp2/"):
             assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
-            time.sleep(0.2)
-        workers = [pid for pid, title in process_titles(cluster_pids(ray_cluster.temp_dir)).items() if title.startswith("ray::RayTrainWorker")]
+            time.sleep(0.1)
+        workers = [pid for pid, title in process_titles(cluster_pids(ray_cluster.temp_dir)).items()
+                   if title.startswith("ray::RayTrainWorker")]
         assert len(workers) == 2, workers
         subprocess.run(["kill", "-9", str(workers[-1])], check=True)
         out, _ = job.communicate(timeout=300)
@@ -90,69 +68,123 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, s3):
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, out[-3000:]
-    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", out)]
-    assert resumed and min(resumed) >= 4, "the restarted workers must continue from a checkpoint, not step 0"
-    assert last_json_line(out)["step"] == 40
+    assert resumed_from(out) and min(resumed_from(out)) >= 4, "the restarted workers must continue from a checkpoint"
+    final = last_json_line(out)
+    assert final["step"] == 24 and final["done"] and final["world_size"] == 2 and 0 < final["test_bits_per_dim"] < 8.5
+    keys = s3_keys(s3.client, "pixelcnn", "runs/ddp2/")
+    for name in ("model.pt", "metrics.jsonl", "config.json", "samples_epoch_001.png", "samples_epoch_003.png",
+                 "checkpoint_000000020/model.pt", "checkpoint_000000024/model.pt"):
+        assert f"runs/ddp2/{name}" in keys, name
+    body = s3.client.get_object(Bucket="pixelcnn", Key="runs/ddp2/metrics.jsonl")["Body"].read().decode()
+    metrics = [json.loads(line) for line in body.splitlines()]
+    assert [m["step"] for m in metrics] == [4, 8, 12, 16, 20, 24]  # each report once, across the restart
+    assert all({"train_bits_per_dim", "test_bits_per_dim", "images_per_s", "lr"} <= m.keys() for m in metrics)
+
+    one = in_process_run([*DDP, "--storage", tmp_path, "--name", "one"], tmp_path / "one")["training"]["raw_state"]
+    two = s3_model(s3, "runs/ddp2/model.pt")["training"]["raw_state"]
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-9, rtol=0), name
+    # ... and training moved them: the comparison is not between two untouched initialisations.
+    torch.manual_seed(0)
+    init = PixelCNN(hidden=8, blocks=1).double().state_dict()
+    assert any(not torch.allclose(init[n], one[n]) for n in init)
+    assert load_model(tmp_path / "one").config.hidden == 8
 
 
-def test_killed_driver_rerun_resumes(ray_cluster, s3):
-    """The driver dies (say, the laptop that ran it): the same command picks up from the checkpoint."""
-    args = [
-        "--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 512, "--test-subset", 32, "--hidden", 32,
-        "--blocks", 4, "--batch-size", 64, "--epochs", 3, "--checkpoint-every", 4, "--grid-samples", 0,
-        "--storage", "s3://pixelcnn/runs", "--name", "driver", "--address", ray_cluster.address,
-    ]
-    job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while "runs/driver/checkpoint_manager_snapshot.json" not in s3_keys(s3.client, "pixelcnn", "runs/driver/"):
-            assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
-            time.sleep(0.2)
-    finally:
-        job.kill()
-        job.wait()
-    proc = run_job("train.py", *args, env=ray_cluster.env)
-    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", proc.stdout)]
-    assert resumed and resumed[0] >= 4
-    assert last_json_line(proc.stdout)["step"] == 24
+# Long enough (in reports) to be stopped three times; a checkpoint every 4 steps.
+RESUMED = [*SMALL[:-4], "--grid-samples", 0, "--log-every", 4, "--max-steps", 48, "--epochs", 6, "--checkpoint-every", 4,
+           "--keep-checkpoints", 20]
 
 
-def test_ctrl_c_is_one_line_and_the_rerun_resumes(local_ray_env, tmp_path):
-    """Ray Train's own Ctrl-C handler aborts the run and exits from inside fit(): the job still ends with
-    one error line and status 130, and the same command resumes from the last checkpoint."""
-    args = [
-        "--dataset", "mnist", "--data-dir", MNIST_ROOT, "--subset", 512, "--test-subset", 32, "--hidden", 32,
-        "--blocks", 4, "--batch-size", 64, "--epochs", 3, "--checkpoint-every", 4, "--grid-samples", 0,
-        "--storage", tmp_path, "--name", "ctrl-c",
-    ]
-    interrupt_job("train.py", *args, env=local_ray_env, waiting_for="checkpoint",
-                  ready=(tmp_path / "ctrl-c" / "checkpoint_manager_snapshot.json").exists)
-    proc = run_job("train.py", *args, env=local_ray_env)
-    resumed = [int(m) for m in re.findall(r"resuming from step (\d+)", proc.stdout)]
-    assert resumed and resumed[0] >= 4
-    assert last_json_line(proc.stdout)["step"] == 24
+def newest_checkpoint(run) -> int:
+    return max((int(p.name.split("_")[1]) for p in run.glob("checkpoint_0*")), default=0) if run.exists() else 0
 
 
-def test_ray_job_submit(ray_cluster, s3):
-    cmd = [
-        f"{REPO}/.venv/bin/ray" if (REPO / ".venv/bin/ray").exists() else "ray", "job", "submit",
-        "--address", ray_cluster.dashboard, "--working-dir", ".", "--", "python", "jobs/train.py",
-        *map(str, SMALL), "--max-steps", 2, "--storage", "s3://pixelcnn/runs", "--name", "submitted",
-    ]
-    proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert '"test_bits_per_dim"' in proc.stdout
-    assert "runs/submitted/model.pt" in s3_keys(s3.client, "pixelcnn", "runs/submitted/")
+@pytest.fixture(scope="module")
+def resumed_run(ray_cluster, tmp_path_factory):
+    """One run stopped three ways, each after a checkpoint newer than the last stop's, and resumed by the same
+    command each time: its driver SIGKILLed (the laptop that ran it died), SIGTERM (``ray job stop``,
+    Kubernetes), Ctrl-C. Yields the run folder, its flags, what each start printed and the newest checkpoint
+    at each stop."""
+    storage = tmp_path_factory.mktemp("resumed")
+    run = storage / "r"
+    args = [*map(str, RESUMED), "--storage", str(storage), "--name", "r"]
+    starts = []
+    for sig, status, line in ((None, 0, ""),
+                              (signal.SIGTERM, 143, "error: terminated: rerun the same command to resume"),
+                              (signal.SIGINT, 130, "error: interrupted: rerun the same command to resume")):
+        seen = newest_checkpoint(run)
+        # Once Ray Train has registered a checkpoint newer than the last stop's (its snapshot is rewritten
+        # a little after the upload), so a restart has something new to resume from.
+        ready = lambda: (run / "checkpoint_manager_snapshot.json").exists() and newest_checkpoint(run) > seen  # noqa: E731
+        printed = stop_job("train.py", *args, env=ray_cluster.env, sig=sig, status=status, line=line, ready=ready,
+                           waiting_for="new checkpoint")
+        starts.append((printed, newest_checkpoint(run)))
+    last = run_job("train.py", *args, env=ray_cluster.env)
+    starts.append((last.stdout, newest_checkpoint(run)))
+    return run, args, starts
+
+
+def test_a_run_stopped_by_sigkill_sigterm_and_ctrl_c_resumes_each_time(resumed_run):
+    run, _, starts = resumed_run
+    assert not resumed_from(starts[0][0]), "the first start found a checkpoint"
+    for (printed, _), (_, before) in zip(starts[1:], starts):
+        assert resumed_from(printed) and resumed_from(printed)[0] >= before, "a start did not resume from the newest checkpoint"
+    assert not list(run.rglob(".tmp-*")), "a half-written file was left behind"
+    assert last_json_line(starts[-1][0])["step"] == 48
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(4, 49, 4))  # every report once, across four starts
+
+
+def test_rerun_of_finished_run_trains_nothing(resumed_run, tmp_path):
+    run, args, _ = resumed_run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for shorter in ([], ["--max-steps", 1]):  # the same request again, or one that asks for less: no Ray needed
+        proc = run_main("train.py", *args, *shorter, env=base_env())
+        assert "already trained to step 48 (6 epochs), as far as --epochs/--max-steps ask: nothing to train" in proc.stdout
+        assert last_json_line(proc.stdout)["step"] == 48
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_finished_runs_corrupt_model_is_restored_from_its_checkpoint(resumed_run, tmp_path):
+    run, args, _ = resumed_run
+    copy = tmp_path / "r"
+    shutil.copytree(run, copy)
+    args = [a if a != str(run.parent) else str(tmp_path) for a in args]
+    good = (copy / "model.pt").read_bytes()
+    (copy / "model.pt").write_bytes(good[:100])  # truncated
+    proc = run_main("train.py", *args, env=base_env())  # a finished run: restored, nothing trains, no Ray
+    assert proc.returncode == 0 and "was unusable" in proc.stdout
+    assert "restored it from checkpoint_000000048/model.pt" in proc.stdout
+    assert load_model(copy).config.hidden == 8
+    for folder in copy.glob("checkpoint_0*"):
+        (folder / "model.pt").write_bytes(b"broken")
+    (copy / "model.pt").write_bytes(b"broken")
+    proc = run_main("train.py", *args, env=base_env())
+    assert "and the run holds no intact checkpoint_*/model.pt to restore it from" in one_error_line(proc)
+
+
+def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_cluster, tmp_path):
+    """The driver died after the run folder's model.pt (step 8) was written and before Ray Train registered
+    checkpoint_000000008: the rerun resumes from step 8, not from the last registered step 4."""
+    run, args, _ = resumed_run
+    args = [a if a != str(run.parent) else str(tmp_path) for a in args]
+    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=ray_cluster.env)
+    shutil.copy(run / "checkpoint_000000008" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest
+    proc = run_job("train.py", *args, "--max-steps", 12, "--name", "short", env=ray_cluster.env)
+    assert "resuming from step 8" in proc.stdout
+    assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
+        [4, 8, 12]
 
 
 def test_fail_fast_missing_bucket(s3, local_ray_env):
     env = {**local_ray_env, **s3.env}
-    proc = run_job("train.py", *SMALL, "--storage", "s3://no-such-bucket/runs", env=env, check=False)
+    proc = run_main("train.py", *SMALL, "--storage", "s3://no-such-bucket/runs", env=env)
     assert "bucket 'no-such-bucket' does not exist" in one_error_line(proc)
 
 
 def test_fail_fast_missing_data_root(local_ray_env, tmp_path):
+    """The one refusal of this job run as a real process: its exit status and its one line."""
     args = [a if a != MNIST_ROOT else tmp_path / "missing" for a in SMALL]
     proc = run_job("train.py", *args, "--storage", tmp_path / "runs", env=local_ray_env, check=False)
     assert "does not exist" in one_error_line(proc)
@@ -167,7 +199,7 @@ def test_fail_fast_failed_download(local_ray_env, tmp_path):
     dead = "http://127.0.0.1:9"
     env = {k: v for k, v in local_ray_env.items() if k.lower() != "no_proxy"}
     env.update({k: dead for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
-    proc = run_job("train.py", *args, "--download", "--storage", tmp_path / "runs", env=env, check=False, timeout=120)
+    proc = run_main("train.py", *args, "--download", "--storage", tmp_path / "runs", env=env)
     line = one_error_line(proc)
     assert "mnist not found under data root" in line and "Error downloading" in line, line
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs" / "mnist-pixelcnn-h8-b1").exists()
@@ -175,7 +207,7 @@ def test_fail_fast_failed_download(local_ray_env, tmp_path):
 
 def test_fail_fast_more_workers_than_cluster(ray_cluster, tmp_path):
     storage = tmp_path / "runs"
-    proc = run_job("train.py", *SMALL, "--num-workers", 8, "--storage", storage, "--name", "big", "--address", ray_cluster.address, env=ray_cluster.env, check=False, timeout=120)
+    proc = run_main("train.py", *SMALL, "--num-workers", 8, "--storage", storage, "--name", "big", "--address", ray_cluster.address, env=ray_cluster.env)
     assert "needs 8 CPU (cluster has 4)" in one_error_line(proc)
     assert not storage.exists(), "a refused run must write nothing, not even its storage folder"
 
@@ -187,7 +219,7 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
               "conditional": False, "batch_size": 32, "seed": 0}
     (run_dir / "config.json").write_text(json.dumps(stored))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 8, "epoch": 1}) + "\n")  # it has trained
-    proc = run_job("train.py", *SMALL, "--storage", tmp_path / "runs", "--name", "taken", env=local_ray_env, check=False)
+    proc = run_main("train.py", *SMALL, "--storage", tmp_path / "runs", "--name", "taken", env=local_ray_env)
     assert "--hidden 16 -> 8" in one_error_line(proc)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "metrics.jsonl"]
 
@@ -208,5 +240,5 @@ def test_fail_fast_contradicting_config(local_ray_env, tmp_path):
 ])
 def test_bad_flags(local_ray_env, flag, value, message):
     """Refused by the driver, before any worker could spend time on them, in one line (no usage dump)."""
-    proc = run_job("train.py", flag, value, env=local_ray_env, check=False)
+    proc = run_main("train.py", flag, value, env=local_ray_env)
     assert message in one_error_line(proc) and "usage:" not in proc.stderr, proc.stderr
