@@ -15,6 +15,11 @@ from pathlib import Path
 # this when it is first imported (its own library functions are decorated then), so it is set before
 # anything can import it. Tests that compile the kernel for real run a child process with it set to 0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# This process joins the tests' Ray clusters too (conftest.run_main). Ray reads this once, when it is first
+# imported; without it Ray resolves 127.0.0.1 to the machine's own network address, where nothing of the
+# tests listens (and where no test traffic may go).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
