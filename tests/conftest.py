@@ -338,13 +338,13 @@ def nodes(s3):
 
         def node_of(self, title: str):
             """The worker node running a process whose title names ``title`` (a Ray Train worker, an actor)."""
+            return next((node for node in self.workers if self.runs(node, title)), None)
+
+        def runs(self, node, title: str) -> bool:
+            """Whether ``node`` runs a process whose title names ``title``."""
             procs = process_titles(cluster_pids(env["RAY_TMPDIR"]))
-            for node in self.workers:
-                raylet = node.all_processes["raylet"][0].process.pid
-                children = cluster_pids_of(raylet)
-                if any(title in procs.get(pid, "") for pid in children):
-                    return node
-            return None
+            raylet = node.all_processes["raylet"][0].process.pid
+            return any(title in procs.get(pid, "") for pid in cluster_pids_of(raylet))
 
     try:
         yield Nodes()
