@@ -233,8 +233,9 @@ def run_main(script: str, *args, env: dict | None = None) -> subprocess.Complete
     environment for the call; returns what ``run_job`` returns (status, stdout, stderr).
 
     For refusals: no interpreter, torch and Ray start-up per case. A refusal that comes after the job
-    connects to Ray needs ``--address`` (a cluster of the session's): without one the job would start an
-    in-process Ray inside pytest. Each job keeps one ``run_job`` refusal for the real process's status."""
+    connects to Ray needs a cluster of the session's (``ray_cluster.env``'s RAY_ADDRESS, or ``--address``):
+    without one the job would start an in-process Ray inside pytest. Each job keeps one ``run_job`` refusal
+    for the real process's status."""
     module = importlib.import_module(f"jobs.{script.removesuffix('.py')}")
     out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
     if env is not None:
