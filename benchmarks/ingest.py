@@ -6,7 +6,7 @@ worker, and training images/s, from a local PNG folder, the same folder on S3 an
     .venv/bin/python benchmarks/ingest.py --sources memory,folder --measures train   # the target alone
 
 The dataset: the first --images MNIST training images as 28x28 grayscale PNGs in ten class folders
-(``7/00042.png``), written by ``pixelcnn.schema.encode_png`` (what the generation job writes); the same
+(``7/00042.png``), written by ``pixelcnn.images.encode_png`` (what the generation job writes); the same
 PNG bytes in Parquet files of 2,048 rows (``image_png`` and ``label`` columns, one row group each, as the
 generation job's files); and the folder uploaded to a moto S3 server that this script starts on
 127.0.0.1 (fake credentials, loopback only; moto is a Python process on this machine's cores, so S3
@@ -52,10 +52,10 @@ import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from pixelcnn.images import encode_png  # noqa: E402
 from pixelcnn import load_dataset  # noqa: E402
+from pixelcnn.batches import InMemoryBatches  # noqa: E402
 from pixelcnn.images import ImageOptions, find_images, read_range  # noqa: E402
-from pixelcnn.schema import encode_png  # noqa: E402
-from pixelcnn.training import InMemoryBatches  # noqa: E402
 
 SOURCES = ("memory", "folder", "s3", "parquet")
 BUCKET = "ingest-bench"
@@ -173,7 +173,7 @@ def start_moto(tmp: str) -> subprocess.Popen:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    from jobs.common import S3Settings
+    from jobs.storage import S3Settings
 
     return S3Settings.from_env().filesystem()
 
@@ -233,7 +233,7 @@ def deliver_rates(sources: list, uris: dict, mnist, args) -> list[dict]:
     own = [s for s in sources if s != "memory"]
     if not own:
         return rows
-    from jobs.common import init_ray, shutdown_ray
+    from jobs.cluster import init_ray, shutdown_ray
     from jobs.datasets import find_source, gather, read_images, scan
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="ri", dir="/tmp"))  # short: Unix sockets

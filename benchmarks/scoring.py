@@ -32,10 +32,10 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+from pixelcnn.images import encode_png  # noqa: E402
 from pixelcnn import PixelCNN, load_dataset, load_model  # noqa: E402
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint  # noqa: E402
 from pixelcnn.likelihood import score  # noqa: E402
-from pixelcnn.schema import encode_png  # noqa: E402
 
 
 def main() -> None:

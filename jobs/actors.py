@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from jobs.common import JobError
+from jobs.errors import JobError
 
 
 class ModelActor:

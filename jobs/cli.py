@@ -1,5 +1,7 @@
 """Command lines built from config dataclasses: each flag is declared once, as a field with its help text
-(``pixelcnn.options.option``), and checked once, by the config that owns it.
+(``pixelcnn.options.option``), and checked once, by the config that owns it. Flags that several jobs take
+live in the option groups below, which each job's request composes (``ClusterOptions`` in every job,
+``ActorPoolOptions`` in the two bulk jobs).
 
 A bad flag is one ``error:`` line, exit status 2, like every other refusal (argparse would print its
 usage first); flags are taken whole (``--num-sample`` is refused, not read as ``--num-samples``).
@@ -12,8 +14,52 @@ import dataclasses
 import math
 import typing
 
-from jobs.common import JobError, fail
-from pixelcnn.options import flag_name
+from jobs.errors import JobError, fail
+from pixelcnn.options import flag_name, option
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    """Where a job runs: its Ray cluster and S3 endpoint (every job)."""
+
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)",
+                                 group="cluster")
+    wait_for_resources: bool = option(False, "wait for an autoscaler instead of failing when the cluster is too small",
+                                      group="cluster")
+    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)", group="cluster")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ActorPoolOptions(ClusterOptions):
+    """The bulk jobs' model, output and actor pool: a model read from a checkpoint, run by a pool of actors
+    that write Parquet part files exactly once (``jobs/outputs.py``)."""
+
+    checkpoint: str = option(help="model: a run folder or checkpoint (folder or .pt), local or s3://")
+    output: str = option(help="local folder or s3://bucket/prefix for the Parquet files")
+    batch_size: int | None = option(None, "images per batch on one actor (default: 256; on GPU actors 4096 for the "
+                                    "cached and fused samplers, 1024 for scoring)", group="actors")
+    rows_per_file: int = option(10000, "rows per Parquet file (one actor task each); an output keeps the one it was "
+                                "started with", group="actors")
+    num_actors: int = option(1, "actors (at most one per file left to write)", group="actors")
+    gpus_per_actor: float = option(0.0, "GPUs per actor; 0 runs CPU actors", group="actors")
+    cpus_per_actor: float | None = option(None, "CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, "
+                                          "leaving room for reading, encoding and writes)", group="actors")
+    repair: bool = option(False, "delete part files that overlap others (left by writers of another layout), then "
+                          "write what is missing")
+
+    def default_batch_size(self) -> int:
+        raise NotImplementedError  # each job's own: what its actors run fastest with on this device
+
+    def __post_init__(self):
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", self.default_batch_size())
+        for name in ("batch_size", "rows_per_file", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.gpus_per_actor < math.inf:  # (NaN fails a comparison)
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor is not None and not 0 < self.cpus_per_actor < math.inf:
+            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -19,7 +19,8 @@ import pickle
 
 import numpy as np
 
-from jobs.common import JobError, S3Settings, check_bucket, open_storage
+from jobs.errors import JobError
+from jobs.storage import S3Settings, check_bucket, open_storage
 from pixelcnn.errors import DataError
 from pixelcnn.images import ImageOptions, ImageSource, Scan, find_images, in_test_split, read_range
 

@@ -33,70 +33,54 @@ import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
 from jobs.actors import ModelActor, actor_cpus  # noqa: E402
-from jobs.cli import ArgumentParser, add_options, class_probs, options_of  # noqa: E402
-from jobs.common import JobError, Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
-from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint, model_from_checkpoint  # noqa: E402
-from pixelcnn.errors import one_line  # noqa: E402
+from jobs.cli import ActorPoolOptions, ArgumentParser, add_options, class_probs, options_of  # noqa: E402
+from jobs.cluster import init_ray, one_error_line  # noqa: E402
+from jobs.errors import JobError  # noqa: E402
+from jobs.schema import SAMPLE_SCHEMA, sample_table  # noqa: E402
+from jobs.storage import Storage, check_bucket, check_writable, open_storage, read_checkpoint  # noqa: E402
+from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.figures import grid_png  # noqa: E402
-from pixelcnn.options import flag_name, option  # noqa: E402
+from pixelcnn.images import decode_png  # noqa: E402
+from pixelcnn.options import option  # noqa: E402
 from pixelcnn.sampling import SAMPLERS, labels_for_ids, sample  # noqa: E402
 from pixelcnn.sampling.streams import check_seed  # noqa: E402
-from pixelcnn.schema import SAMPLE_SCHEMA, decode_png, sample_table  # noqa: E402
 
 PREVIEW = "_preview.png"
 ENCODE_CPUS = 0.25  # per encode task (PNGs and rows of one shard)
 WRITE_CPUS = 0.25  # per Parquet write task
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerateRequest:
-    checkpoint: str = option(help="model: a run folder or checkpoint (folder or .pt), local or s3://")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerateRequest(ActorPoolOptions):
     num_samples: int = option(help="generate ids 0..N-1")
-    output: str = option(help="local folder or s3://bucket/prefix for the Parquet files")
     seed: int = option(0, "image k depends only on (checkpoint, seed, k, temperature, label, dtype, sampler)")
     temperature: float = option(1.0, "softmax temperature (< 1: sharper, > 1: more diverse)")
     sampler: str = option("cached", "cached (fast), naive, or fused (PixelCNN on GPU actors: one Triton kernel per "
                           "pixel step); all draw the same images, up to float rounding at CDF boundaries", choices=SAMPLERS)
-    dtype: str = option("float32", "precision the model samples in: bfloat16 is faster on GPUs; its draws differ "
-                        "from float32's where one lands near a CDF boundary, and log_prob is the bfloat16 model's",
+    dtype: str = option("float32", "precision the model samples in: bfloat16 is faster on GPUs (docs/generation.md)",
                         choices=("float32", "bfloat16"))
-    batch_size: int | None = option(None, "images sampled together on one actor (default: 4096 for the cached and fused "
-                                    "samplers on GPU actors, else 256)")
-    rows_per_file: int = option(10000, "ids per Parquet file (one actor task each); an output keeps the one it was "
-                                "started with")
-    num_actors: int = option(1, "sampler actors (fixed pool size; at most one per shard left to write)")
-    min_actors: int | None = option(None, "autoscaling pool: at least this many actors")
-    max_actors: int | None = option(None, "autoscaling pool: at most this many actors (and no more than the shards left)")
-    gpus_per_actor: float = option(0.0, "GPUs per actor; 0 runs CPU actors")
-    cpus_per_actor: float | None = option(None, "CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, "
-                                          "leaving room for encoding and writes)")
+    min_actors: int | None = option(None, "autoscaling pool: at least this many actors", group="actors")
+    max_actors: int | None = option(None, "autoscaling pool: at most this many actors (and no more than the files left)",
+                                    group="actors")
     label: int | None = option(None, "conditional models: the class of every sample")
     label_probs: str | None = option(None, "conditional models: comma-separated class probabilities drawn per sample "
                                      "(default: uniform)")
-    preview: int = option(0, "also write _preview.png, a contact sheet of the first N samples (a finished rerun keeps "
-                          "an existing one)")
-    repair: bool = option(False, "delete part files that overlap others (left by writers of another layout), then "
-                          "write what is missing")
-    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
-    wait_for_resources: bool = option(False, "wait for an autoscaler instead of failing when the cluster lacks the "
-                                      "actors' GPUs or CPUs")
-    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+    preview: int = option(0, "also write _preview.png, a contact sheet of the first N samples")
+
+    def default_batch_size(self) -> int:
+        # On a GPU the cached sampler is bound by kernel launches, so samples/s grows almost linearly
+        # with the batch up to thousands (docs/benchmarks.md); the naive one is compute-bound from ~256.
+        return 4096 if self.gpus_per_actor > 0 and self.sampler != "naive" else 256
 
     def __post_init__(self):
-        if self.batch_size is None:
-            # On a GPU the cached sampler is bound by kernel launches, so samples/s grows almost linearly
-            # with the batch up to thousands (docs/benchmarks.md); the naive one is compute-bound from ~256.
-            object.__setattr__(self, "batch_size", 4096 if self.gpus_per_actor > 0 and self.sampler != "naive" else 256)
-        for name in ("num_samples", "batch_size", "rows_per_file", "num_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         check_seed(self.seed, "--seed")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
-        if not 0 <= self.gpus_per_actor < math.inf or self.preview < 0:  # (NaN fails a comparison)
-            raise ValueError("--gpus-per-actor and --preview must be >= 0")
-        if self.cpus_per_actor is not None and not 0 < self.cpus_per_actor < math.inf:
-            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        if self.preview < 0:
+            raise ValueError(f"--preview must be >= 0, got {self.preview}")
         if self.sampler == "fused" and not self.gpus_per_actor:
             raise ValueError("--sampler fused runs on GPU actors: pass --gpus-per-actor")
         if (self.min_actors is None) != (self.max_actors is None):
@@ -147,7 +131,7 @@ def main(argv=None) -> dict:
         )
         manifest, done, shards = outputs.resume(
             output, manifest, request.num_samples, repair_overlaps=request.repair,
-            upgrade=upgrade(output, outputs.part_ranges(output), manifest.sampler), row_bytes=row_bytes, split=SPLIT)
+            upgrade=upgrade(output, manifest.sampler), row_bytes=row_bytes, split=SPLIT)
         todo = sum(end - start for start, end in shards)
         started = time.time()
         pipeline_started = run_pipeline(request, output, checkpoint, manifest, shards, bool(done)) if todo else None
@@ -182,7 +166,7 @@ def run_pipeline(request: GenerateRequest, output: Storage, checkpoint: bytes, m
     pool, cpus = actor_pool(request, len(shards))
     check_writable(output)
     with outputs.Lease(output, "generate.py"):
-        outputs.claim(output, manifest, has_parts=has_parts, upgrade=upgrade(output, outputs.part_ranges(output), manifest.sampler))
+        outputs.claim(output, manifest, has_parts=has_parts, upgrade=upgrade(output, manifest.sampler))
         items = [{"start": start, "end": end} for start, end in shards]
         # Ray touchpoints: one input row per shard; each actor call samples one shard and returns raw images.
         samples = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -248,23 +232,6 @@ def read_model(request: GenerateRequest) -> tuple[str, bytes, dict]:
     return uri, data, ckpt
 
 
-def read_checkpoint(uri: str, endpoint: str | None) -> tuple[str, bytes]:
-    """The checkpoint's bytes from a run folder, checkpoint folder or .pt file, local or on S3."""
-    storage = open_storage(uri, endpoint)
-    candidates = [] if storage.path.endswith(".pt") else [(storage, MODEL_FILE)]  # a run or checkpoint folder
-    if "/" in storage.path.strip("/"):  # or the checkpoint file itself, whatever its name
-        parent, name = storage.uri.rsplit("/", 1)
-        candidates.append((open_storage(parent, endpoint), name))
-    try:
-        for folder, name in candidates:
-            data = folder.read(name)
-            if data is not None:
-                return f"{folder.uri}/{name}", data
-    except OSError as error:
-        raise JobError(f"cannot read checkpoint {storage.where}: {one_line(error)}") from None
-    raise JobError(f"checkpoint not found: {storage.uri} (neither a checkpoint file nor a folder holding {MODEL_FILE})")
-
-
 def label_probs(request: GenerateRequest, num_classes: int) -> list[float] | None:
     """Per-sample class distribution for conditional models (None: unconditional)."""
     if not num_classes:
@@ -278,14 +245,16 @@ def label_probs(request: GenerateRequest, num_classes: int) -> list[float] | Non
     return class_probs(request.label_probs, num_classes)
 
 
-def upgrade(output: Storage, done: list, sampler: str):
-    """Fill in what an older generate.py's manifest lacks, or refuse it."""
+def upgrade(output: Storage, sampler: str):
+    """Fill in what an older generate.py's manifest lacks, or refuse it (the output's part files are listed
+    only for such a manifest)."""
 
     def fill(stored: dict) -> dict:
         if "dtype" not in stored:  # its part files lack the dtype column: new ones would not read as one dataset
             raise JobError(f"{output.uri} was written by an older generate.py (no dtype column): use another --output")
         if "sampler" not in stored:  # from before the sampler was part of it: its rows say which
             stored["sampler"] = sampler  # (none yet: any may start them)
+            done = outputs.part_ranges(output)
             if done:
                 files = [output.file(name) for _, _, name in done]
                 rows = pads.dataset(files, filesystem=output.fs, format="parquet").to_table(columns=["sampler"])

@@ -25,15 +25,17 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.common import JobError, Storage
+from jobs.errors import JobError
+from jobs.storage import Storage
 from pixelcnn.errors import one_line
+from pixelcnn.options import identity_changes
 
 MANIFEST = "_manifest.json"
 LEASE = "_lease.json"
@@ -173,10 +175,6 @@ def rows_held(ranges: list) -> int:
 # --- the manifest --------------------------------------------------------------------------------
 
 
-def identity(manifest) -> dict:
-    return {f.name: getattr(manifest, f.name) for f in fields(manifest) if f.metadata.get("identity")}
-
-
 # The job that wrote a manifest from before its ``kind`` was recorded, by a field only its manifests hold.
 KIND_FIELDS = {"generation": "temperature", "scoring": "data_fingerprint"}
 
@@ -209,10 +207,9 @@ def check_manifest(output: Storage, manifest, *, has_parts: bool, upgrade=None) 
         return None
     if upgrade is not None:
         stored = upgrade(stored)
-    wanted = identity(manifest)
-    changed = [k for k in wanted if stored.get(k) != _jsonable(wanted[k])]
+    changed = identity_changes(manifest, stored)
     if changed:
-        what = ", ".join(f"{k} {stored.get(k)!r} -> {wanted[k]!r}" for k in changed)
+        what = ", ".join(f"{k} {then!r} -> {now!r}" for k, then, now in changed)
         if not has_parts:  # claimed by a request that wrote no rows: it failed, or is starting now
             raise JobError(f"{output.uri} is claimed by another request ({what}) that has written no rows yet: "
                            f"if none is running, delete {MANIFEST} there; or use another --output")
@@ -249,10 +246,6 @@ def resume(output: Storage, manifest, num_ids: int, *, repair_overlaps: bool = F
         done = repair(output, done)
     check_ours(output, done)
     return manifest, done, plan(num_ids, done, manifest.rows_per_file, row_bytes=row_bytes, split=split)
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
 
 
 # --- the lease -----------------------------------------------------------------------------------

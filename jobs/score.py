@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -33,18 +32,18 @@ import torch  # noqa: E402
 
 from jobs import outputs  # noqa: E402
 from jobs.actors import ModelActor, actor_cpus  # noqa: E402
-from jobs.cli import ArgumentParser, add_options, class_probs, options_of  # noqa: E402
-from jobs.common import Storage, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
+from jobs.cli import ActorPoolOptions, ArgumentParser, add_options, class_probs, options_of  # noqa: E402
+from jobs.cluster import init_ray, one_error_line  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, scan  # noqa: E402
-from jobs.generate import read_checkpoint  # noqa: E402
+from jobs.schema import SCORE_SCHEMA, score_table  # noqa: E402
+from jobs.storage import Storage, check_bucket, check_writable, open_storage, read_checkpoint  # noqa: E402
 from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from pixelcnn.data import DATASETS, load_dataset  # noqa: E402
 from pixelcnn.errors import DataError  # noqa: E402
 from pixelcnn.figures import score_report_png  # noqa: E402
 from pixelcnn.images import ImageOptions, background_option, in_test_split, read_range  # noqa: E402
 from pixelcnn.likelihood import score  # noqa: E402
-from pixelcnn.options import flag_name, option  # noqa: E402
-from pixelcnn.schema import SCORE_SCHEMA, score_table  # noqa: E402
+from pixelcnn.options import option  # noqa: E402
 
 REPORT = "_report.png"
 ENCODE_CPUS = 0.25
@@ -52,12 +51,10 @@ WRITE_CPUS = 0.25
 DTYPES = ("float32", "bfloat16", "float64")
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoreRequest:
-    checkpoint: str = option(help="model: a run folder or checkpoint (folder or .pt), local or s3://")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoreRequest(ActorPoolOptions):
     dataset: str = option(help="images to score: mnist, fashion_mnist, cifar10 (torchvision), or a folder, Parquet "
                           "file/folder/glob of your own images, local or s3://")
-    output: str = option(help="local folder or s3://bucket/prefix for the Parquet files")
     split: str = option("all", "all images, or the train or test split (your own images: by --test-fraction's hash, "
                         "as training takes them)", choices=("all", "train", "test"))
     test_fraction: float = option(0.05, "your own images with --split train/test: the held-out share, as in training")
@@ -77,30 +74,16 @@ class ScoreRequest:
     per_pixel: bool = option(False, "add nll_png, a heat map of each pixel's NLL (bits/dim, 0..255 for 0..16 bits)")
     dtype: str = option("float32", "precision of the forward pass (recorded in the dtype column); float64 for exact "
                         "figures, bfloat16 for speed on GPUs", choices=DTYPES)
-    batch_size: int | None = option(None, "images per forward pass on one actor (default: 1024 on GPU actors, else 256)")
-    rows_per_file: int = option(10000, "images per Parquet file (one actor task each); an output keeps the one it "
-                                "was started with")
-    num_actors: int = option(1, "scoring actors (at most one per shard left to write)")
-    gpus_per_actor: float = option(0.0, "GPUs per actor; 0 runs CPU actors")
-    cpus_per_actor: float | None = option(None, "CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / actors, "
-                                          "leaving room for reading, encoding and writes)")
     report: int = option(0, "also write _report.png: the N least and N most likely images with their bits/dim, and "
                          "a histogram")
-    repair: bool = option(False, "delete part files that overlap others, then write what is missing")
-    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)")
-    wait_for_resources: bool = option(False, "wait for an autoscaler instead of failing when the cluster is too small")
-    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+
+    def default_batch_size(self) -> int:
+        return 1024 if self.gpus_per_actor > 0 else 256
 
     def __post_init__(self):
-        if self.batch_size is None:
-            object.__setattr__(self, "batch_size", 1024 if self.gpus_per_actor > 0 else 256)
-        for name in ("batch_size", "rows_per_file", "num_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.gpus_per_actor < math.inf or self.report < 0:
-            raise ValueError("--gpus-per-actor and --report must be >= 0")
-        if self.cpus_per_actor is not None and not 0 < self.cpus_per_actor < math.inf:
-            raise ValueError(f"--cpus-per-actor must be > 0, got {self.cpus_per_actor}")
+        super().__post_init__()
+        if self.report < 0:
+            raise ValueError(f"--report must be >= 0, got {self.report}")
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
         if self.label_probs is not None and (self.use_labels or self.label_column):

@@ -22,26 +22,31 @@ import re
 import signal
 import sys
 import tempfile
+from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import pyarrow.fs as pafs  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.cli import ArgumentParser, add_options, options_of  # noqa: E402
-from jobs.common import JobError, Storage, Terminated, check_bucket, check_writable, init_ray, one_error_line, open_storage  # noqa: E402
+from jobs.cli import ArgumentParser, ClusterOptions, add_options, options_of  # noqa: E402
+from jobs.cluster import init_ray, one_error_line  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, gather, read_images, scan  # noqa: E402
+from jobs.errors import JobError, Terminated  # noqa: E402
+from jobs.storage import Storage, check_bucket, check_writable, open_storage  # noqa: E402
+from pixelcnn.batches import Batch, InMemoryBatches, load_split  # noqa: E402
 from pixelcnn.checkpoint import MODEL_FILE, load_checkpoint  # noqa: E402
+from pixelcnn.config import TrainConfig  # noqa: E402
 from pixelcnn.data import ImageData  # noqa: E402
 from pixelcnn.errors import CheckpointError, DataError  # noqa: E402
 from pixelcnn.images import class_count  # noqa: E402
-from pixelcnn.options import flag_name, identity_fields, option  # noqa: E402
+from pixelcnn.options import flag_name, identity_changes, option  # noqa: E402
 from pixelcnn.sampling.streams import derive_seed  # noqa: E402
-from pixelcnn.training import Batch, InMemoryBatches, Runtime, TrainConfig, load_split, train  # noqa: E402
+from pixelcnn.training import Runtime, train  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainJob:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainJob(ClusterOptions):
     """The job's own flags (the recipe's are TrainConfig's): where the run lives, and the cluster."""
 
     storage: str = option("./runs", "local folder or s3://bucket/prefix for the run folder", group="run")
@@ -59,10 +64,6 @@ class TrainJob:
     data_in_memory_gb: float = option(2.0, "your own images: a dataset whose decoded images fit in this many GiB is "
                                       "held in memory on every worker (exact batches); a larger one streams through "
                                       "Ray Data (0: always stream)", group="data")
-    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else an in-process Ray)", group="cluster")
-    wait_for_resources: bool = option(False, "wait for an autoscaler instead of failing when the cluster is too small",
-                                      group="cluster")
-    s3_endpoint: str | None = option(None, "S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)", group="cluster")
 
     def __post_init__(self):
         if self.num_workers < 1 or self.max_failures < 0 or self.keep_checkpoints < 1:
@@ -230,7 +231,8 @@ class RayTrainRuntime(Runtime):
 
 
 class StreamedBatches:
-    """Batches streamed from this worker's split of a Ray Dataset too large to hold in memory.
+    """Batches streamed from this worker's split of a Ray Dataset too large to hold in memory: the
+    training loop's ``pixelcnn.batches.Batches``, as ``InMemoryBatches`` is for data in memory.
 
     Ray Data splits the data into equal shares (``streaming_split(equal=True)``, at most one image per
     worker dropped) and streams each worker's share in an order that varies per epoch (block order and a
@@ -252,7 +254,7 @@ class StreamedBatches:
             raise ValueError(f"--batch-size {b} exceeds what {world_size} workers' shares of the data can fill")
         self.shape = cfg.dataset_shape
 
-    def epoch(self, epoch: int, start: int = 0):
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         rows = self.shard.iter_torch_batches(
             batch_size=self.share, drop_last=True, local_shuffle_buffer_size=4 * self.share,
             local_shuffle_seed=derive_seed(self.cfg.seed, 3, epoch, self.rank), device=self.device,
@@ -323,10 +325,9 @@ def check_run_config(run: Storage, cfg: TrainConfig, reported: bool) -> dict | N
         stored = json.loads(stored)
     except ValueError:
         raise JobError(f"{run.uri}/config.json is not valid JSON") from None
-    new = cfg.to_dict()
     # A flag added after the run was stored had its default then (say --layers, for a pixelcnn run).
-    then = {**TrainConfig().to_dict(), **stored}
-    changed = [f"{flag_name(k)} {then[k]} -> {new[k]}" for k in identity_fields(TrainConfig) if _differ(then[k], new[k])]
+    then = {**json.loads(json.dumps(TrainConfig().to_dict())), **stored}
+    changed = [f"{flag_name(k)} {old} -> {new}" for k, old, new in identity_changes(cfg, then)]
     if changed:
         raise JobError(f"run {run.uri} was started with other settings ({'; '.join(changed)}): use another --name")
     return stored
@@ -342,10 +343,6 @@ def check_fingerprint(run: Storage, cfg: TrainConfig) -> None:
     if then is not None and then != cfg.dataset_fingerprint:
         raise JobError(f"run {run.uri} was trained on other data under {cfg.dataset} (fingerprint {then[:12]} -> "
                        f"{(cfg.dataset_fingerprint or '')[:12]}: files added, removed or changed): use another --name")
-
-
-def _differ(a, b) -> bool:
-    return (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def already_trained(previous: dict, cfg: TrainConfig) -> bool:

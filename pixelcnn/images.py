@@ -62,6 +62,22 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # single-channel i
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 
+def encode_png(image) -> bytes:
+    """uint8 ``[C, H, W]`` (C = 1 or 3; an array or a CPU tensor) -> PNG bytes (lossless): how the jobs
+    store images in Parquet."""
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # fast; size barely differs
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes (a row's ``image_png``) -> uint8 ``[C, H, W]``."""
+    array = np.array(Image.open(io.BytesIO(data)))
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
 def background(text: str) -> tuple[int, int, int]:
     """``--background`` white, black or R,G,B (each 0..255)."""
     if text.strip().lower() in BACKGROUNDS:

@@ -9,6 +9,7 @@ folder or output must keep it (the others, such as ``--epochs``, may change to e
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 REQUIRED = dataclasses.MISSING
@@ -31,3 +32,15 @@ def flag_name(field_name: str) -> str:
 
 def identity_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("identity")]
+
+
+def identity_changes(config, stored: dict) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, ``config``'s value) for each identity field of ``config`` whose value differs
+    from what ``stored`` (a run's config.json, an output's manifest) holds: compared as JSON gives them
+    back, so a tuple equals its list."""
+    changes = []
+    for name in identity_fields(type(config)):
+        now = getattr(config, name)
+        if stored.get(name) != json.loads(json.dumps(now)):
+            changes.append((name, stored.get(name), now))
+    return changes

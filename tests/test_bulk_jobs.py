@@ -14,10 +14,11 @@ import torch
 
 from conftest import one_error_line, run_main
 from jobs import generate, outputs, score
-from jobs.common import JobError, open_storage
+from jobs.errors import JobError
+from jobs.schema import SAMPLE_SCHEMA, sample_table
+from jobs.storage import open_storage
 from pixelcnn import PixelCNN
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
-from pixelcnn.schema import SAMPLE_SCHEMA, sample_table
 
 
 

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from conftest import kill_an_actor_midway, stop_job, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, run_main, s3_keys
+from jobs.schema import SAMPLE_SCHEMA
+from pixelcnn.images import decode_png
 from pixelcnn import PixelCNN, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.sampling import labels_for_ids
-from pixelcnn.schema import SAMPLE_SCHEMA, decode_png
 
 pytestmark = pytest.mark.slow
 
@@ -175,7 +176,7 @@ def test_a_failure_inside_ray_data_is_named_by_its_own_message():
     one error line must be the error's message, not "SystemException"."""
     from ray.data.exceptions import SystemException
 
-    from jobs.common import root_cause
+    from jobs.errors import root_cause
 
     try:
         try:
@@ -194,7 +195,7 @@ def test_an_io_error_ray_data_retried_is_named_by_its_own_message_not_the_retry_
     retried (its own function does it here): the line is the error, so that a lost S3 endpoint is seen."""
     from ray.data._internal.util import _annotate_exception_with_retry_context
 
-    from jobs.common import UNREACHABLE, root_cause
+    from jobs.errors import UNREACHABLE, root_cause
 
     message = "AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server"
     error = _annotate_exception_with_retry_context(OSError(message), description="open output stream for x",
@@ -207,7 +208,7 @@ def test_an_io_error_ray_data_retried_is_named_by_its_own_message_not_the_retry_
 RAY_DATA_ACTOR_FAILURE = """
 import os
 import ray
-from jobs.common import root_cause
+from jobs.errors import root_cause
 
 class Fails:
     def __call__(self, batch):
@@ -317,7 +318,7 @@ def test_fail_fast(case, s3, checkpoints, ray_cluster, tmp_path):
         "unconditional": "unconditional", "other-seed": "holds rows of another request (seed 1 -> 2)",
         "gpus": "1 GPUs needed for the sampler actors, the cluster has 0",
         "cpus": "65 CPUs needed for the sampler actors and the pipeline's CPU tasks, the cluster has", "cpus-zero": "--cpus-per-actor must be > 0",
-        "gpus-nan": "--gpus-per-actor and --preview must be >= 0",
+        "gpus-nan": "--gpus-per-actor must be >= 0",
         "seed-range": "--seed must be a 64-bit integer (-2**63 to 2**63 - 1)",
     }[case]
     assert expected in line, line

@@ -256,7 +256,8 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
 
 
 def test_a_label_gap_is_refused_for_conditional_training(tmp_path):
-    from pixelcnn.training import Runtime, TrainConfig
+    from pixelcnn.config import TrainConfig
+    from pixelcnn.training import Runtime
 
     arrays = [np.full((4, 4), k, np.uint8) for k in range(6)]
     pq.write_table(pa.table({"image_png": [png_bytes(a) for a in arrays], "label": [0, 1, 5, 0, 1, 5]}),

@@ -14,9 +14,10 @@ import torch
 
 from conftest import PYTHON
 from jobs import outputs
-from jobs.common import JobError, open_storage
+from jobs.errors import JobError
 from jobs.generate import Manifest, upgrade
-from pixelcnn.schema import SAMPLE_SCHEMA, sample_table
+from jobs.schema import SAMPLE_SCHEMA, sample_table
+from jobs.storage import open_storage
 
 BASE = Manifest(checkpoint="c", model_sha256="ab", seed=0, temperature=1.0, label_probs=None, dtype="float32",
                 sampler="cached", rows_per_file=10)
@@ -30,12 +31,12 @@ def block(first, count, sampler="cached"):
 
 def claim(output, manifest=BASE):
     done = outputs.part_ranges(output)
-    outputs.claim(output, manifest, has_parts=bool(done), upgrade=upgrade(output, done, manifest.sampler))
+    outputs.claim(output, manifest, has_parts=bool(done), upgrade=upgrade(output, manifest.sampler))
 
 
 def check(output, manifest=BASE):
     done = outputs.part_ranges(output)
-    return outputs.check_manifest(output, manifest, has_parts=bool(done), upgrade=upgrade(output, done, manifest.sampler))
+    return outputs.check_manifest(output, manifest, has_parts=bool(done), upgrade=upgrade(output, manifest.sampler))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

@@ -102,7 +102,7 @@ import json, os, sys, numpy as np, torch, ray, ray.train
 from ray.train.torch import TorchTrainer
 from jobs.datasets import find_source, read_images
 from jobs.train import StreamedBatches
-from pixelcnn.training import TrainConfig
+from pixelcnn.config import TrainConfig
 
 def loop(config):
     cfg = TrainConfig.from_dict(config["cfg"])

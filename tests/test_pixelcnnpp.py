@@ -302,7 +302,8 @@ def test_training_builds_it_from_the_registry_and_reports_exact_bits_per_dim(tmp
     (loss through the mixture), a checkpoint that loads back, and a test figure equal to ``evaluate``'s."""
     from pixelcnn import load_dataset
     from pixelcnn.models import MODELS
-    from pixelcnn.training import Runtime, TrainConfig, train
+    from pixelcnn.config import TrainConfig
+    from pixelcnn.training import Runtime, train
 
     assert MODELS["pixelcnnpp"] is PixelCNNpp
     cfg = TrainConfig(dataset="synthetic", subset=16, test_subset=8, batch_size=8, max_steps=2, model="pixelcnnpp",

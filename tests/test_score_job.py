@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, run_job, run_main, s3_keys
+from jobs.schema import SCORE_SCHEMA
+from pixelcnn.images import decode_png
 from pixelcnn import PixelCNN, evaluate, load_dataset, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
+from pixelcnn.config import TrainConfig
 from pixelcnn.likelihood import model_logits, nll_per_image
-from pixelcnn.schema import SCORE_SCHEMA, decode_png
-from pixelcnn.training import Runtime, TrainConfig, train
+from pixelcnn.training import Runtime, train
 
 pytestmark = pytest.mark.slow
 

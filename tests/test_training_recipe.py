@@ -13,10 +13,11 @@ import torch
 from conftest import REPO, randomize
 from pixelcnn import CheckpointError, GatedPixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import load_checkpoint
+from pixelcnn.config import TrainConfig
 from pixelcnn.likelihood import loss_per_dim, model_logits, nll_per_image
 from pixelcnn.options import identity_fields
 from pixelcnn.sampling.streams import derive_seed
-from pixelcnn.training import EMA, Runtime, TrainConfig, learning_rate, train
+from pixelcnn.training import EMA, Runtime, learning_rate, train
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -287,7 +288,8 @@ def test_job_flags_map_onto_the_config(capsys):
 
 def test_rerun_identity_check_fills_flags_a_stored_run_predates(tmp_path):
     from jobs import train as job
-    from jobs.common import JobError, open_storage
+    from jobs.errors import JobError
+    from jobs.storage import open_storage
 
     run_dir = open_storage(str(tmp_path)).child("old")
     stored = {"dataset": "mnist", "subset": None, "model": "pixelcnn", "hidden": 128, "blocks": 15, "norm": "none",
@@ -322,7 +324,7 @@ def test_a_rerun_trains_only_if_it_asks_for_more(previous, asked, trained):
 
 def test_in_memory_batches_give_each_image_once_per_epoch_in_shares_of_one_global_batch():
     from pixelcnn.data import ImageData
-    from pixelcnn.training import InMemoryBatches
+    from pixelcnn.batches import InMemoryBatches
 
     data = ImageData(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1), torch.zeros(10, dtype=torch.long), 0)
     one = InMemoryBatches(data, 4, seed=5, rank=0, world_size=1, device="cpu")

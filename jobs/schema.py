@@ -22,14 +22,14 @@ Generated samples:
 
 from __future__ import annotations
 
-import io
 import math
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
+
+from pixelcnn.images import encode_png
 
 SAMPLE_SCHEMA = pa.schema([
     pa.field("id", pa.int64(), nullable=False),
@@ -48,21 +48,6 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("model_sha256", pa.string(), nullable=False),
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
-
-
-def encode_png(image: torch.Tensor | np.ndarray) -> bytes:
-    """uint8 ``[C, H, W]`` (C = 1 or 3) -> PNG bytes (lossless)."""
-    array = np.asarray(image, dtype=np.uint8)
-    array = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # fast; size barely differs
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 ``[C, H, W]``."""
-    array = np.array(Image.open(io.BytesIO(data)))
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def sample_table(

@@ -1,0 +1,127 @@
+"""A job's session with Ray: connect to the cluster or start an in-process Ray (``init_ray``), and run
+the job's body so that whatever stops it ends in one ``error:`` line, with Ray shut down
+(``one_error_line``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+from jobs.errors import UNREACHABLE, JobError, Terminated, fail, raise_terminated, root_cause, stopped
+from jobs.storage import S3Settings
+from pixelcnn.errors import InputError
+
+
+class _Interrupt:
+    """Ctrl-C's handler: KeyboardInterrupt, raised again every second until the job has stopped. Python
+    drops an exception raised while the main thread runs a finaliser (a Ray driver runs many: object
+    references), so one Ctrl-C can be lost while Ray Data executes."""
+
+    def __init__(self):
+        self.pressed, self.handled = threading.Event(), threading.Event()
+
+    def __call__(self, signum, frame):
+        if not self.pressed.is_set():
+            self.pressed.set()
+            threading.Thread(target=self._repeat, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _repeat(self):
+        while not self.handled.wait(1.0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@contextlib.contextmanager
+def one_error_line(what: str, s3_endpoint: str | None = None):
+    """Run a job's body so that whatever stops it ends in one ``error:`` line: a refusal (exit 2), Ctrl-C
+    (130), SIGTERM (143), or a failure in Ray, a worker or the driver, named by its root cause (exit 2;
+    ``PIXELCNN_DEBUG=1`` re-raises it with its whole traceback instead), and by the S3 endpoint when S3
+    could not be reached. Ray is shut down either way."""
+
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGTERM, raise_terminated), signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    except (JobError, InputError) as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        interrupt.handled.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ray's shutdown below is short; let it finish
+        stopped(130)
+    except Terminated:
+        stopped(143)
+    except SystemExit:
+        raise
+    except Exception as error:
+        if os.environ.get("PIXELCNN_DEBUG") == "1":
+            raise
+        cause = root_cause(error)
+        if UNREACHABLE.search(cause):  # S3 went away mid-run: say where it was
+            endpoint = S3Settings.from_env(s3_endpoint).endpoint or "AWS's default S3 endpoint"
+            cause = f"S3 at {endpoint} could not be reached: {cause}"
+        fail(f"{what} failed: {cause} (PIXELCNN_DEBUG=1 shows the traceback)")
+    finally:
+        interrupt.handled.set()
+        shutdown_ray()
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``, as ``ray job submit`` sets), else
+    start an in-process single-node Ray, so the same script runs on a laptop and on a cluster."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as error:
+            refused = authentication_refused(address, error)
+            if refused:
+                raise JobError(refused) from None
+            raise
+    else:
+        # Ray gives workers the driver's script folder (jobs/) and working directory, not the repo root
+        # the script put on its own sys.path: without it a job started from another folder could not
+        # import `jobs` (whose Storage objects travel to the workers) or an uninstalled `pixelcnn`. The
+        # in-process Ray's workers inherit this process's environment.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + [path for path in paths if path != root])
+        ray.init(address="local", log_to_driver=True)
+    # ray.init puts in its own SIGTERM handler (exit at once, or tear the local node down): ours makes it
+    # one error line like Ctrl-C, after which Ray is shut down all the same.
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def authentication_refused(address: str, error: BaseException) -> str | None:
+    """The one line for a cluster that refused this job's authentication (never the token itself), or
+    None if ``error`` is something else. Ray reads RAY_AUTH_MODE and a token from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order."""
+    import ray.exceptions
+
+    text = f"{error} {error.__cause__ or ''}"
+    if not (isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in text):
+        return None
+    source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+              f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})" if os.environ.get("RAY_AUTH_TOKEN_PATH") else
+              "~/.ray/auth_token" if os.path.exists(os.path.expanduser("~/.ray/auth_token")) else None)
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        return (f"the Ray cluster at {address} requires token authentication and this job sent no token: set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+    if source is None:
+        return (f"the Ray cluster at {address} requires an authentication token and none was found: set RAY_AUTH_TOKEN "
+                "or RAY_AUTH_TOKEN_PATH to the cluster's token")
+    return f"the Ray cluster at {address} refused the authentication token from {source}: it is not the cluster's token"
+
+
+def shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
