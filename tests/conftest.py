@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Triton kernels (pixelcnn/fused.py) run in Triton's CPU interpreter in test processes: Triton reads
+# Triton kernels (pixelcnn/sampling/fused.py) run in Triton's CPU interpreter in test processes: Triton reads
 # this when it is first imported (its own library functions are decorated then), so it is set before
 # anything can import it. Tests that compile the kernel for real run a child process with it set to 0.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -23,6 +23,10 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# One thread per process: a test's jobs, Ray workers and this process share two cores, and torch's OpenMP
+# threads spin while they wait for a core (that doubled the CPU time of a test that trains here beside a job).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 # MNIST in torchvision's layout (MNIST/raw); this machine and CI keep it beside the checkout.
@@ -70,6 +74,7 @@ def base_env(**extra) -> dict:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DEDUP_LOGS="0",
         PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",  # as in this process (above), for jobs and their Ray workers (Ray sets it only if unset)
     )
     env.update(extra)
     return env
