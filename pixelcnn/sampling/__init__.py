@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from ..distributions import draw
-from ..models import PixelCNN
+from ..models import GatedPixelCNN, PixelCNN, PixelCNNpp
 from .graphs import run_graphed
 from .naive import sample_naive
-from .steppers import Stepper, cached_stepper
+from .pixelcnnpp import PixelCNNppStepper
+from .steppers import GatedStepper, PixelCNNStepper, Stepper
 from .streams import check_seed, labels_for_ids, sample_uniforms
 
 SAMPLERS = ("cached", "naive", "fused")
@@ -107,6 +108,10 @@ def sample(
     return Samples(torch.cat(images), torch.cat(log_probs))
 
 
+# Each family's cached stepper (naive sampling needs none: it runs the model itself).
+CACHED_STEPPERS: dict[type, type] = {PixelCNN: PixelCNNStepper, GatedPixelCNN: GatedStepper, PixelCNNpp: PixelCNNppStepper}
+
+
 @torch.no_grad()
 def make_stepper(model: nn.Module, batch: int, dtype, device, sampler: str = "cached") -> Stepper:
     """The stepper that runs ``sampler``'s loop for ``model``, for batches of ``batch`` images."""
@@ -114,7 +119,10 @@ def make_stepper(model: nn.Module, batch: int, dtype, device, sampler: str = "ca
         from .fused import FusedPixelCNNStepper  # Triton is imported only when the fused sampler is asked for
 
         return FusedPixelCNNStepper(model, batch, dtype, device)
-    return cached_stepper(model, batch, dtype, device)
+    stepper = CACHED_STEPPERS.get(type(model))
+    if stepper is None:
+        raise ValueError(f"no cached sampler for {type(model).__name__}; use sampler='naive'")
+    return stepper(model, batch, dtype, device)
 
 
 def check_fused(model: nn.Module, device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """Model steppers: the raster loop of the cached sampler, and what PixelCNN and Gated PixelCNN compute
 at each step from their caches (``cache.py``; PixelCNN++'s stepper is in ``pixelcnnpp.py``). A stepper is
 built for one batch size and can run any number of batches of that size; ``pixelcnn.sampling.make_stepper``
-picks the one for a model.
+picks the one for a model (``CACHED_STEPPERS`` there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import levels_to_input
-from ..models import GatedPixelCNN, PixelCNN, PixelCNNpp, StackConv2d, gate, scale_input
+from ..models import GatedPixelCNN, PixelCNN, StackConv2d, gate, scale_input
 from .cache import CachedConv, Pointwise, RowConv, pointwise_norm
 from ..distributions import draw
 
@@ -189,16 +189,3 @@ class GatedStepper(Stepper):
             skip = torch.addmm(self.skip_bias, g, layer.skip.weight) if skip is None else skip.addmm_(g, layer.skip.weight)
         logits = self.output(F.relu(self.head(F.relu(skip))))
         return logits.view(logits.shape[0], self.cfg.levels, self.cfg.in_channels)
-
-
-# PixelCNN++'s stepper lives in its own module; it subclasses Stepper, so it is imported once Stepper exists.
-from .pixelcnnpp import PixelCNNppStepper  # noqa: E402
-
-CACHED_STEPPERS: dict[type, type] = {PixelCNN: PixelCNNStepper, GatedPixelCNN: GatedStepper, PixelCNNpp: PixelCNNppStepper}
-
-
-def cached_stepper(model, batch: int, dtype, device) -> Stepper:
-    stepper = CACHED_STEPPERS.get(type(model))
-    if stepper is None:
-        raise ValueError(f"no cached sampler for {type(model).__name__}; use sampler='naive'")
-    return stepper(model, batch, dtype, device)
