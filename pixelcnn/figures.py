@@ -41,21 +41,32 @@ def grid_png(images, *, scale: int = 4) -> bytes:
 
 def metrics_png(history: list[dict], *, size: tuple[int, int] = (640, 400)) -> bytes:
     """Train and test bits/dim against step, one line each, with labelled axes."""
+    series = {label: (colour, [(m["step"], m[name]) for m in history if name in m and math.isfinite(m[name])])
+              for name, (colour, label) in SERIES.items()}
+    return lines_png(series, title="bits/dim against step", xlabel="step", size=size)
+
+
+# Colours of further lines (lines_png), after the train and test ones.
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def lines_png(series: dict[str, tuple[tuple[int, int, int], list[tuple[float, float]]]], *, title: str, xlabel: str,
+              size: tuple[int, int] = (640, 400)) -> bytes:
+    """A line plot: ``series`` maps each line's label to (its colour, its (x, y) points)."""
     width, height = size
     left, right, top, bottom = 64, 16, 28, 40
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     draw.font = ImageFont.load_default(size=13)
-    points = {name: [(m["step"], m[name]) for m in history if name in m and math.isfinite(m[name])] for name in SERIES}
-    values = [v for series in points.values() for _, v in series]
-    steps = [s for series in points.values() for s, _ in series]
-    draw.text((left, 8), "bits/dim against step", fill=INK)
+    values = [v for _, points in series.values() for _, v in points]
+    xs = [s for _, points in series.values() for s, _ in points]
+    draw.text((left, 8), title, fill=INK)
     if not values:
         return png(image)
     low, high = min(values), max(values)
     pad = (high - low) * 0.05 or 0.05
     low, high = low - pad, high + pad
-    first, last = min(steps + [0]), max(steps + [1])
+    first, last = min(xs + [0]), max(xs + [1])
 
     def x(step):
         return left + (step - first) / max(last - first, 1) * (width - left - right)
@@ -71,15 +82,17 @@ def metrics_png(history: list[dict], *, size: tuple[int, int] = (640, 400)) -> b
         step = first + (last - first) * k / 4
         draw.text((x(step) - 10, height - bottom + 6), f"{step:.0f}", fill=INK)
     draw.rectangle([left, top, width - right, height - bottom], outline=INK)
-    for n, (name, series) in enumerate(points.items()):
-        colour, label = SERIES[name]
-        xy = [(x(s), y(v)) for s, v in series]
+    legend = width - right
+    for label, (colour, points) in reversed(list(series.items())):  # the legend, right-aligned
+        legend -= draw.textlength(label) + 16
+        draw.text((legend, 8), label, fill=colour)
+    for colour, points in series.values():
+        xy = [(x(s), y(v)) for s, v in points]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for px, py in xy:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((width - right - 120 + n * 60, 8), label, fill=colour)
-    draw.text((width // 2 - 12, height - 16), "step", fill=INK)
+    draw.text((width // 2 - 3 * len(xlabel), height - 16), xlabel, fill=INK)
     return png(image)
 
 

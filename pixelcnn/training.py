@@ -188,6 +188,8 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     def point(window: list, evaluated: bool) -> dict:
         """A point of the curve: the window since the last one (train bits/dim, images/s) and, when
         ``evaluated``, the test figures. ``epoch`` counts whole epochs done, as the sample grids do."""
+        nonlocal trained
+        trained += sum(w[2] for w in window)
         line = {
             "step": step, "epoch": step // steps_per_epoch, "world_size": runtime.world_size,
             "lr": optimizer.param_groups[0]["lr"], **reduce_window(window, runtime.all_reduce_sum, dims, runtime.world_size, device),
@@ -199,11 +201,14 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
                 evaluate_sharded(model, test_data, cfg.eval_batch_size, runtime, autocast) if ema else test_bpd)
         # Seconds in the training loop (steps, evaluations, reports), summed over the run's starts.
         line["elapsed_s"] = round(elapsed + time.perf_counter() - loop_started, 3)
+        # Of those, the seconds in training steps (rank 0's): what a budget of training time buys.
+        line["train_s"] = round(trained, 3)
         return line
 
     window: list[tuple[float, int, float]] = []  # (loss sum in nats, images, seconds) since the last point
     progress = Progress(total_steps, runtime.world_size, log)
     elapsed, loop_started = (curve[-1].get("elapsed_s", 0.0) if curve else 0.0), time.perf_counter()
+    trained = curve[-1].get("train_s", 0.0) if curve else 0.0
     model.train()
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)

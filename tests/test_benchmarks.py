@@ -117,3 +117,21 @@ def test_scoring_benchmark_runs_the_job_beside_the_bare_forward_pass(ray_cluster
     assert figures["job_wall_images_per_s"] < figures["job_images_per_s"]  # the wall clock holds the pipeline and more
     lines = {line.split(":")[0] for line in text.splitlines() if ":" in line}
     assert {"bare forward pass", "whole job", "ratio job / bare", "ratio job wall clock / bare"} <= lines
+
+
+@pytest.mark.slow
+def test_quality_benchmark_trains_each_family_beside_the_textbook_baseline(mnist_root, tmp_path):
+    """benchmarks/quality.py's cheapest run: every family and the baseline train a step or two through the
+    library's loop, are scored on a few test images, and the curves are drawn."""
+    import quality
+    from PIL import Image
+
+    plot = tmp_path / "quality.png"
+    rows = quality.main(["--data-dir", str(mnist_root), "--budget", "0.2", "--hidden", "8", "--filters", "8", "--layers", "2",
+                         "--blocks", "1", "--test-subset", "8", "--points", "1", "--plot", str(plot)])
+    assert [r["model"] for r in rows] == ["textbook", "pixelcnn", "gated", "pixelcnnpp"]
+    for r in rows:
+        assert r["steps"] >= 1 and 0 < r["train_s"] <= r["wall_s"] and 0 < r["test_bits_per_dim"] < 9, r
+        assert r["curve"] and r["curve"][-1] == (r["train_s"], r["test_bits_per_dim"]), r
+        assert r["vs_textbook"] == pytest.approx(1 - r["test_bits_per_dim"] / rows[0]["test_bits_per_dim"], abs=1e-4)
+    assert Image.open(plot).size == (640, 400)

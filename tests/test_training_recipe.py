@@ -142,7 +142,8 @@ def test_a_resumed_run_folder_lists_each_report_once(tmp_path):
     points = read_jsonl(curve)
     # every 3 steps, and each report (4 and 8 end epochs, 5 and 10 end a start of the run)
     assert [p["step"] for p in points] == [p["step"] for p in ckpt["training"]["curve"]] == [3, 4, 5, 6, 8, 9, 10]
-    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(points, points[1:]))  # summed over both starts
+    assert all(a["elapsed_s"] <= b["elapsed_s"] and a["train_s"] < b["train_s"] for a, b in zip(points, points[1:]))  # summed over both starts
+    assert all(0 < p["train_s"] <= p["elapsed_s"] for p in points)  # steps only: evaluations and reports are not in it
     _, once, _ = run(tmp_path, "once", max_steps=10, log_every=3)  # no stop at 5: its point 6 spans steps 5-6
     uninterrupted = {p["step"]: p for p in once["training"]["curve"]}
     assert sorted(uninterrupted) == [3, 4, 6, 8, 9, 10]
@@ -164,7 +165,7 @@ def test_the_curve_has_a_point_per_log_window_and_the_test_figure_at_each_evalua
     final, ckpt, _ = run(tmp_path, "curve", max_steps=10, log_every=3, eval_every=5, ema=0.9)
     points = read_jsonl(tmp_path / "curve" / "curve.jsonl")
     assert [p["step"] for p in points] == [3, 4, 5, 6, 8, 9, 10]
-    assert all({"step", "epoch", "world_size", "lr", "train_bits_per_dim", "images_per_s", "elapsed_s"} <= p.keys()
+    assert all({"step", "epoch", "world_size", "lr", "train_bits_per_dim", "images_per_s", "elapsed_s", "train_s"} <= p.keys()
                for p in points)
     tested = [p["step"] for p in points if "test_bits_per_dim" in p]
     assert tested == [4, 5, 8, 10]  # reports at 4, 8 and 10 (epoch ends, the last step), --eval-every 5 at 5
