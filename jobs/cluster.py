@@ -5,6 +5,7 @@ the job's body so that whatever stops it ends in one ``error:`` line, with Ray s
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -56,7 +57,7 @@ def one_error_line(what: str, s3_endpoint: str | None = None):
     except SystemExit:
         raise
     except Exception as error:
-        if os.environ.get("PIXELCNN_DEBUG") == "1":
+        if debugging():
             raise
         cause = root_cause(error)
         if UNREACHABLE.search(cause):  # S3 went away mid-run: say where it was
@@ -70,15 +71,29 @@ def one_error_line(what: str, s3_endpoint: str | None = None):
         signal.signal(signal.SIGINT, previous[1])
 
 
+def debugging() -> bool:
+    """``PIXELCNN_DEBUG=1``: every log line Ray writes, and a failure's whole traceback."""
+    return os.environ.get("PIXELCNN_DEBUG") == "1"
+
+
 def init_ray(address: str | None) -> None:
     """Connect to the cluster at ``address`` (or ``RAY_ADDRESS``, as ``ray job submit`` sets), else
-    start an in-process single-node Ray, so the same script runs on a laptop and on a cluster."""
-    import ray
+    start an in-process single-node Ray, so the same script runs on a laptop and on a cluster. Ray's INFO
+    lines are left out unless ``PIXELCNN_DEBUG=1``: a user reads the job's own lines, Ray's warnings and
+    Ray Data's progress bars. (Ray Train's workers and controller: ``log_level`` in its RunConfig.)"""
+    import ray.data
 
+    quiet_ray_logs(log_level())
+    if not debugging():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(not_the_token_notice)
+        # A worker that reads a dataset logs its progress (left out, as above) instead of sending tqdm bars
+        # to this console. Datasets carry the driver's DataContext to the workers.
+        ray.data.DataContext.get_current().use_ray_tqdm = False
+    options = dict(log_to_driver=True, logging_level=log_level())
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **options)
         except Exception as error:
             refused = authentication_refused(address, error)
             if refused:
@@ -92,10 +107,32 @@ def init_ray(address: str | None) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [path for path in paths if path != root])
-        ray.init(address="local", log_to_driver=True)
+        ray.init(address="local", **options)
     # ray.init puts in its own SIGTERM handler (exit at once, or tear the local node down): ours makes it
     # one error line like Ctrl-C, after which Ray is shut down all the same.
     signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def not_the_token_notice(record: logging.LogRecord) -> bool:
+    """A local Ray turns token authentication on each time, and says so: left out (its warning that
+    authentication is off stays)."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def log_level() -> str:
+    """The console level of Ray's own logs in this job's processes: WARNING, INFO with PIXELCNN_DEBUG=1."""
+    return "INFO" if debugging() else "WARNING"
+
+
+def quiet_ray_logs(level: str) -> None:
+    """Ray Data's console lines at ``level`` in this process: at WARNING its INFO lines (plans, progress
+    logged where there is no terminal) are left out, its full log stays in the session's ray-data.log, and
+    in a terminal its progress is still drawn by tqdm as bars."""
+    import ray.data  # configures the "ray.data" logger, whose console handler is set below
+
+    for handler in logging.getLogger(ray.data.__name__).handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console (its file handler is not a stream's)
+            handler.setLevel(level)
 
 
 def authentication_refused(address: str, error: BaseException) -> str | None:

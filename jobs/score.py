@@ -226,8 +226,9 @@ class ScoreShards(ModelActor):
             out["nll_map"] = np.zeros((n, *m.shape[1:]), dtype=np.float32)
         for start in range(0, n, self.batch_size):
             part = slice(start, start + self.batch_size)
-            levels = torch.from_numpy(np.ascontiguousarray(batch["image"][part])).to(self.device)
-            labels = torch.from_numpy(batch["label"][part]).to(self.device) if m.labels == "own" else None
+            # Copied: Ray Data's batches are read-only, which torch.from_numpy warns of.
+            levels = torch.tensor(batch["image"][part], device=self.device)
+            labels = torch.tensor(batch["label"][part], device=self.device) if m.labels == "own" else None
             result = score(self.model, levels, labels, label_probs=m.label_probs, per_pixel=m.per_pixel)
             out["log_prob"][part] = result["log_prob"].cpu().numpy()
             if "likely_class" in result:

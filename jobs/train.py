@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -30,7 +31,7 @@ import pyarrow.fs as pafs  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.cli import ArgumentParser, ClusterOptions, add_options, options_of  # noqa: E402
-from jobs.cluster import init_ray, one_error_line  # noqa: E402
+from jobs.cluster import init_ray, log_level, one_error_line, quiet_ray_logs  # noqa: E402
 from jobs.datasets import READ_CPUS, find_source, gather, read_images, scan  # noqa: E402
 from jobs.errors import JobError, Terminated  # noqa: E402
 from jobs.storage import Storage, check_bucket, check_writable, open_storage  # noqa: E402
@@ -110,7 +111,8 @@ def fit(cfg: TrainConfig, job: TrainJob, storage: Storage, cpus: float, datasets
     workers = job.num_workers if job.min_workers is None else (job.min_workers, job.num_workers)
     trainer = TorchTrainer(  # Ray touchpoint: the DDP worker group
         train_worker,
-        train_loop_config={"train": cfg.to_dict(), "run": storage.child(job.name), "in_memory": in_memory},
+        train_loop_config={"train": cfg.to_dict(), "run": storage.child(job.name), "in_memory": in_memory,
+                           "log_level": log_level()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus},
             elastic_resize_monitor_interval_s=job.resize_interval,
@@ -124,6 +126,7 @@ def fit(cfg: TrainConfig, job: TrainJob, storage: Storage, cpus: float, datasets
             name=job.name, storage_path=storage.path, storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level=log_level()),
         ),
     )
     # SIGTERM (`ray job stop`, Kubernetes) takes Ctrl-C's way out: Ray Train's own SIGINT handler aborts
@@ -139,6 +142,9 @@ def fit(cfg: TrainConfig, job: TrainJob, storage: Storage, cpus: float, datasets
 
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    # Ray Train sets its workers' root logger to INFO, where it logs every report (with its metrics) again.
+    logging.getLogger().setLevel(config["log_level"])
+    quiet_ray_logs(config["log_level"])  # a dataset this worker reads
     train(TrainConfig.from_dict(config["train"]), RayTrainRuntime(config["run"], config["in_memory"]))
 
 
@@ -288,7 +294,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, TrainJob]:
     if not cfg.own_images:  # Ray Train workers run in a folder of their own: resolve against the driver's
         cfg.data_dir = os.path.abspath(cfg.data_dir)
     if job.name is None:
-        size = f"l{cfg.layers}-k{cfg.kernel_size}" if cfg.model == "gated" else f"b{cfg.blocks}"
+        size = {"gated": f"l{cfg.layers}-k{cfg.kernel_size}", "pixelcnnpp": f"r{cfg.nr_resnet}-m{cfg.nr_logistic_mix}"
+                }.get(cfg.model, f"b{cfg.blocks}")
         base = cfg.dataset if not cfg.own_images else re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset.rstrip("/").rsplit("/", 1)[-1]) or "images"
         job = dataclasses.replace(job, name=f"{base}-{cfg.model}-h{cfg.hidden}-{size}")
     return cfg, job

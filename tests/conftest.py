@@ -3,6 +3,7 @@ import importlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -261,6 +262,18 @@ def run_main(script: str, *args, env: dict | None = None) -> subprocess.Complete
 
 def last_json_line(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
+
+
+# Ray's INFO lines as a job's console shows them: its Python loggers' ("\tINFO worker.py:2029 --"), its C++
+# ones ("... I 28712 28712] logging.cc:303:"), Ray Train's controller and workers, Ray Data's plans and
+# logged progress, and its tqdm bars sent from a worker.
+RAY_INFO = re.compile(r"\tINFO \S+:\d+ --|\d I \d+ \d+\] \S+\.cc:\d+|Setting up process group|Reporting training result|"
+                      r"worker group of size|Execution plan of Dataset|Running Dataset")
+
+
+def ray_info_lines(text: str) -> list[str]:
+    """The lines of a job's console that are Ray's INFO: none unless PIXELCNN_DEBUG=1."""
+    return [line for line in text.splitlines() if RAY_INFO.search(line)]
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, run_job, run_main
+from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, ray_info_lines, run_job, run_main
 from pixelcnn import PixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
@@ -48,6 +48,7 @@ def test_a_folder_on_s3_trains_with_two_workers_to_one_process_weights_and_an_ex
     final = last_json_line(proc.stdout)
     assert final["done"] and final["world_size"] == 2
     assert "data: " in proc.stdout and "3 classes, in memory" in proc.stdout
+    assert not ray_info_lines(proc.stdout + proc.stderr)  # the workers read Ray Datasets, quietly
     data = s3.client.get_object(Bucket="pixelcnn", Key="runs/own/model.pt")["Body"].read()
     (tmp_path / "model.pt").write_bytes(data)
     model = load_model(tmp_path / "model.pt")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, run_job, run_main, s3_keys
+from conftest import (MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, ray_info_lines, run_job,
+                      run_main, s3_keys)
 from jobs.schema import SCORE_SCHEMA
 from pixelcnn.images import decode_png
 from pixelcnn import PixelCNN, evaluate, load_dataset, sample
@@ -90,11 +91,13 @@ def test_generated_samples_score_as_their_own_log_prob(ray_cluster, tmp_path):
     """The two jobs agree: generate.py's log_prob column (the sampler's, float32) is score.py's likelihood
     of the same images; scored in float64 they are the float64 model's exact ones."""
     model = save_model(tmp_path / "model", image_size=(5, 4))
-    run_job("generate.py", "--checkpoint", tmp_path / "model", "--num-samples", 30, "--output", tmp_path / "samples",
-            "--rows-per-file", 30, env=ray_cluster.env)
-    for dtype, tolerance in (("float32", 1e-3), ("float64", 1e-3)):
-        run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
-                tmp_path / dtype, "--dtype", dtype, env=ray_cluster.env)
+    proc = run_job("generate.py", "--checkpoint", tmp_path / "model", "--num-samples", 30, "--output", tmp_path / "samples",
+                   "--rows-per-file", 30, env=ray_cluster.env)
+    assert not ray_info_lines(proc.stdout + proc.stderr)
+    for dtype, tolerance, debug in (("float32", 1e-3, "1"), ("float64", 1e-3, "0")):  # Ray's INFO lines only with debug
+        proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
+                       tmp_path / dtype, "--dtype", dtype, env={**ray_cluster.env, "PIXELCNN_DEBUG": debug})
+        assert bool(ray_info_lines(proc.stderr)) == (debug == "1") and "UserWarning" not in proc.stderr
         generated, scored = read(tmp_path / "samples"), read(tmp_path / dtype)
         assert scored.column("row").to_pylist() == list(range(30))
         assert np.allclose(scored.column("log_prob").to_numpy(), generated.column("log_prob").to_numpy(), atol=tolerance)

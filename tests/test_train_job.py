@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, base_env, cluster_pids, last_json_line, one_error_line, process_titles, run_job, run_main, s3_keys, stop_job
+from conftest import MNIST_ROOT, PYTHON, REPO, base_env, cluster_pids, last_json_line, one_error_line, process_titles, ray_info_lines, run_job, run_main, s3_keys, stop_job
 from pixelcnn import PixelCNN, load_model
 
 pytestmark = pytest.mark.slow
@@ -169,7 +169,9 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
     registered that step's checkpoint: the rerun resumes from that step, not from the last registered step 4."""
     run, args, _ = resumed_run
     args = [a if a != str(run.parent) else str(tmp_path) for a in args]
-    run_job("train.py", *args, "--max-steps", 4, "--name", "short", env=ray_cluster.env)
+    # PIXELCNN_DEBUG=1 shows Ray's INFO lines, which a job leaves out by default (the second run below).
+    proc = run_job("train.py", *args, "--max-steps", 4, "--name", "short", env={**ray_cluster.env, "PIXELCNN_DEBUG": "1"})
+    assert "Reporting training result" in proc.stderr and "Setting up process group" in proc.stderr
     # The resumed run's first checkpoint after step 4 (the same recipe, so the same weights): usually step 8, but
     # Ray Train deletes a checkpoint folder it never registered, as a stop can leave step 8's.
     newer = min(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoint_0*/model.pt")
@@ -177,6 +179,7 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
     shutil.copy(run / f"checkpoint_{newer:09d}" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest
     proc = run_job("train.py", *args, "--max-steps", newer + 4, "--name", "short", env=ray_cluster.env)
     assert f"resuming from step {newer}" in proc.stdout
+    assert not ray_info_lines(proc.stdout + proc.stderr)
     assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
         list(range(4, newer + 5, 4))
 

@@ -274,6 +274,8 @@ def test_job_flags_map_onto_the_config(capsys):
     assert (cfg.model, cfg.hidden, cfg.layers, cfg.kernel_size, cfg.dropout) == ("gated", 32, 7, 3, 0.2)
     assert (cfg.ema, cfg.schedule, cfg.warmup_steps, cfg.lr_decay, cfg.weight_decay) == (0.995, "constant", 50, 0.9, 0.01)
     assert run.name == "synthetic-gated-h32-l7-k3"
+    _, pp = job.parse_args(["--model", "pixelcnnpp", "--hidden", "16", "--nr-resnet", "2", "--nr-logistic-mix", "5"])
+    assert pp.name == "mnist-pixelcnnpp-h16-r2-m5"  # its own shape, not --blocks (which it has not)
     assert isinstance(GatedPixelCNN(cfg.model_config()), GatedPixelCNN)
     assert {"layers", "kernel_size", "dataset", "batch_size", "seed"} <= set(identity_fields(TrainConfig))
     assert not {"epochs", "lr", "max_steps"} & set(identity_fields(TrainConfig))
