@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     with one_error_line("training", job.s3_endpoint):
         storage = open_storage(job.storage, job.s3_endpoint)
         run = storage.child(job.name)
-        previous = refuse_or_resume(cfg, job, run)
+        cfg, previous = refuse_or_resume(cfg, job, run)
         if previous is not None:
             return previous
         sources = list_data(cfg, job)  # your own images: listed here, before Ray starts
@@ -94,6 +94,8 @@ def main(argv=None) -> dict:
         cfg, datasets, in_memory = prepare_data(cfg, job, sources)
         cpus = check_cluster(job, streamed=not in_memory)
         check_fingerprint(run, cfg)
+        if cfg.max_time is not None and cfg.schedule_steps is None:
+            cfg = dataclasses.replace(cfg, schedule_steps=measure_steps(cfg, job, cpus))
         check_writable(run)
         run.write("config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         fit(cfg, job, storage, cpus, datasets, in_memory)
@@ -301,9 +303,24 @@ def parse_args(argv=None) -> tuple[TrainConfig, TrainJob]:
     return cfg, job
 
 
-def refuse_or_resume(cfg: TrainConfig, job: TrainJob, run: Storage) -> dict | None:
-    """Fail fast, before any worker starts, on what the run folder or the data refuse; the last metrics
-    when the run is already as long as asked (then nothing trains)."""
+def measure_steps(cfg: TrainConfig, job: TrainJob, cpus: float) -> int:
+    """The steps --max-time buys, measured before training by a Ray task on a worker's resources (its CPUs,
+    or a GPU): fixed in config.json, so a resume or another worker count trains the same ones."""
+    import ray
+
+    from pixelcnn.training import budget_line, steps_in
+
+    share = -(-cfg.batch_size // job.num_workers)
+    measure = ray.remote(steps_in).options(num_cpus=cpus, num_gpus=1 if job.use_gpu else 0)  # Ray touchpoint
+    steps, per_step = ray.get(measure.remote(cfg, share, "cuda" if job.use_gpu else "cpu"))
+    print(budget_line(cfg, steps, per_step, share), flush=True)
+    return steps
+
+
+def refuse_or_resume(cfg: TrainConfig, job: TrainJob, run: Storage) -> tuple[TrainConfig, dict | None]:
+    """Fail fast, before any worker starts, on what the run folder or the data refuse. (``cfg`` with the
+    steps a resumed run's --max-time bought, the last metrics when the run is already as long as asked:
+    then nothing trains.)"""
     if not cfg.own_images:
         # With --download the driver fetches the data here, once: a failed download is one error line,
         # not a worker failure retried --max-failures times. --subset must fit the data.
@@ -312,13 +329,15 @@ def refuse_or_resume(cfg: TrainConfig, job: TrainJob, run: Storage) -> dict | No
     check_bucket(run)  # reading only: the write probe waits until the run is going to write
     previous = last_metrics(run)
     stored = check_run_config(run, cfg, reported=previous is not None)
+    if stored and cfg.max_time is not None:  # the steps measured when the run started (--max-time is the same)
+        cfg = dataclasses.replace(cfg, schedule_steps=stored.get("schedule_steps"))
     if stored and already_trained(previous, cfg):
         restore_model(run)
         print(f"run {run.uri} already trained to step {previous['step']} ({previous['epoch']} epochs), "
-              "as far as --epochs/--max-steps ask: nothing to train", flush=True)
+              "as far as --epochs/--max-steps/--max-time ask: nothing to train", flush=True)
         print(json.dumps(previous), flush=True)
-        return previous
-    return None
+        return cfg, previous
+    return cfg, None
 
 
 def check_run_config(run: Storage, cfg: TrainConfig, reported: bool) -> dict | None:
@@ -355,7 +374,11 @@ def check_fingerprint(run: Storage, cfg: TrainConfig) -> None:
 def already_trained(previous: dict, cfg: TrainConfig) -> bool:
     """Whether the run's last report is as far as ``cfg`` asks (whole epochs, or --max-steps): then a
     rerun trains nothing, rather than start Ray to find so and record a shorter length in config.json."""
-    return previous["epoch"] >= cfg.epochs or (cfg.max_steps is not None and previous["step"] >= cfg.max_steps)
+    if cfg.max_steps is not None and previous["step"] >= cfg.max_steps:
+        return True
+    if cfg.schedule_steps is not None:  # --max-time: the steps it bought, whatever --epochs says
+        return previous["step"] >= cfg.schedule_steps
+    return previous["epoch"] >= cfg.epochs
 
 
 def restore_model(run: Storage) -> None:

@@ -30,6 +30,15 @@ def image_size(text: str) -> tuple[int, int]:
     return (parts[0], parts[-1])
 
 
+def duration(text: str) -> float:
+    """``--max-time``: seconds, or a duration such as 90s, 30m, 1h, 2h30m."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d*)?)h)?\s*(?:(\d+(?:\.\d*)?)m)?\s*(?:(\d+(?:\.\d*)?)s?)?\s*", text.lower())
+    if not text.strip() or match is None:
+        raise ValueError(f"--max-time must be seconds or a duration such as 90s, 30m, 1h, 2h30m, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -83,6 +92,12 @@ class TrainConfig:
     # epochs x steps per epoch), so a run stopped early and resumed follows the same one.
     max_steps: int | None = option(None, "stop after this many optimizer steps in total (the schedule still spans "
                                    "--epochs)", group="optimisation")
+    # A budget rather than a length: the steps it buys are measured once, before training, and recorded as
+    # schedule_steps (config.json, checkpoints), so a resume or another worker count trains the same steps.
+    max_time: float | None = option(None, "train for about this long (90s, 30m, 1h, 2h30m, or seconds): the steps "
+                                    "it buys are measured on a worker before training and fixed in config.json; "
+                                    "the schedule spans them (instead of --epochs)", identity=True, parse=duration,
+                                    metavar="TIME", group="optimisation")
     batch_size: int = option(128, "global batch, shared out across workers (shares differ by at most one image)",
                              identity=True, group="optimisation")
     lr: float = option(1e-3, "AdamW peak learning rate (for the global batch)", group="optimisation")
@@ -124,6 +139,8 @@ class TrainConfig:
     dataset_shape: tuple[int, int, int] | None = None  # (C, H, W)
     dataset_classes: int = 0  # classes of the labels (0: none)
     dataset_train_images: int = 0  # images in the training split
+    # Set from --max-time before the first step (not a flag): the steps the run trains and its schedule spans.
+    schedule_steps: int | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -152,7 +169,9 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
         if self.schedule == "cosine" and self.lr_decay != 1.0:
             raise ValueError("--lr-decay applies to --schedule constant only")
-        for name in ("subset", "test_subset", "max_steps"):
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"--max-time must be > 0, got {self.max_time:g} s")
+        for name in ("subset", "test_subset", "max_steps", "schedule_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be >= 1, got {getattr(self, name)}")
         if self.subset is not None and self.subset < self.batch_size:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -87,25 +88,31 @@ class Runtime:
         save_checkpoint(os.path.join(self.run_dir, MODEL_FILE), checkpoint)
 
 
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The steps the learning-rate schedule spans: ``schedule_steps`` (fixed from ``--max-time``), else
+    ``epochs`` x steps per epoch. ``max_steps`` does not change it: a run stopped early and resumed keeps
+    its schedule."""
+    return cfg.schedule_steps or cfg.epochs * steps_per_epoch
+
+
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """``warmup_steps``, capped at a quarter of the schedule's steps (``epochs`` x steps per epoch, which
-    ``max_steps`` does not change: a run stopped early and resumed keeps its schedule). Runs at least
-    four times as long as their warm-up keep it as asked."""
-    return min(cfg.warmup_steps, cfg.epochs * steps_per_epoch // 4)
+    """``warmup_steps``, capped at a quarter of the schedule's steps. Runs at least four times as long as
+    their warm-up keep it as asked."""
+    return min(cfg.warmup_steps, schedule_steps(cfg, steps_per_epoch) // 4)
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based), a function of the step alone.
 
     Linear warm-up over ``warmup_steps()``, then "cosine": half a cosine from ``lr`` down to ~0 at the
-    last step of ``epochs`` (``max_steps`` only stops early), or "constant": ``lr`` times
+    last of ``schedule_steps()`` (``max_steps`` only stops early), or "constant": ``lr`` times
     ``lr_decay`` per finished epoch.
     """
     warm = warmup_steps(cfg, steps_per_epoch)
     warmup = min(1.0, (step + 1) / warm) if warm else 1.0
     if cfg.schedule == "constant":
         return cfg.lr * warmup * cfg.lr_decay ** (step // steps_per_epoch)
-    horizon = cfg.epochs * steps_per_epoch - warm
+    horizon = schedule_steps(cfg, steps_per_epoch) - warm
     progress = min(1.0, max(0.0, (step - warm) / max(1, horizon)))
     return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -143,7 +150,15 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     if cfg.conditional and not batches.num_classes:
         raise ValueError(f"--conditional needs labels, and {cfg.dataset} has none")
     steps_per_epoch = batches.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
+    state = runtime.resume_state()
+    if cfg.max_time is not None and cfg.schedule_steps is None:  # (jobs/train.py measures in its driver)
+        steps = state["training"]["config"].get("schedule_steps") if state is not None else None
+        if steps is None:
+            share = -(-cfg.batch_size // runtime.world_size)
+            steps, per_step = steps_in(cfg, share, device, batches.shape, batches.num_classes)
+            log(budget_line(cfg, steps, per_step, share))
+        cfg = dataclasses.replace(cfg, schedule_steps=steps)
+    total_steps = schedule_steps(cfg, steps_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -154,7 +169,6 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     # so decay only shrinks values that are multiplied by zero anyway).
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, curve = 0, [], []
-    state = runtime.resume_state()
     if state is not None:
         training = state["training"]
         # With EMA the checkpoint's model_state is the average; the raw weights the optimizer steps
@@ -226,13 +240,8 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             count = len(levels)
             if not count:  # a share of no images (a short last batch): a zero-weighted step keeps DDP in step
                 levels, batch_labels = torch.zeros_like(test_data.images[:1]).to(device), torch.zeros(1, dtype=torch.long, device=device)
-            with autocast:
-                nll, loss = share_loss(train_model, levels, batch_labels, total, runtime.world_size, weight=count > 0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            nll = optimizer_step(cfg, train_model, model, optimizer, levels, batch_labels, total, runtime.world_size,
+                                 autocast, weight=count > 0)
             step += 1
             if ema is not None:
                 ema.update(model, step)
@@ -271,6 +280,54 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
             raise RuntimeError(f"the training data of epoch {epoch + 1} ended at step {step}, before {epoch_end}")
     return history[-1] if history else {"step": step, "done": True}
 
+
+
+def optimizer_step(cfg: TrainConfig, train_model, model, optimizer, levels, labels, total: int, world_size: int,
+                   autocast, weight: float = 1.0) -> torch.Tensor:
+    """One optimizer step on a worker's share of a global batch of ``total`` images (``train_model``: the
+    model as wrapped for training, DDP's all-reduce included); returns the share's summed NLL in nats."""
+    with autocast:
+        nll, loss = share_loss(train_model, levels, labels, total, world_size, weight=weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return nll
+
+
+def steps_in(cfg: TrainConfig, share: int, device, shape: tuple[int, int, int] | None = None,
+             num_classes: int | None = None, timed: int = 3) -> tuple[int, float]:
+    """(the optimizer steps that fit in ``cfg.max_time`` seconds, seconds per step): the median of ``timed``
+    steps of this run's model on ``share`` random images (one worker's share of a batch) on ``device``,
+    after one untimed step (allocation, kernel selection). Reading data, evaluations, reports and DDP's
+    all-reduce are not in the figure: a run takes that much longer than its budget. ``shape`` and
+    ``num_classes`` default to what ``cfg`` records of its data."""
+    device = torch.device(device)
+    config = cfg.model_config(shape, num_classes)
+    shape, num_classes = (config.in_channels, *config.image_size), config.num_classes
+    torch.manual_seed(cfg.seed)
+    model = MODELS[cfg.model](config).to(device, getattr(torch, cfg.precision))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
+    levels = torch.randint(0, 256, (share, *shape), device=device)
+    labels = torch.randint(0, max(1, num_classes), (share,), device=device)
+    seconds = []
+    for _ in range(timed + 1):
+        started = time.perf_counter()
+        optimizer_step(cfg, model, model, optimizer, levels, labels, share, 1, autocast)
+        if ema is not None:
+            ema.update(model, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    per_step = sorted(seconds[1:])[timed // 2]
+    return max(1, int(cfg.max_time / per_step)), per_step
+
+
+def budget_line(cfg: TrainConfig, steps: int, per_step: float, share: int) -> str:
+    return f"--max-time {cfg.max_time:g} s buys {steps} steps ({per_step:.3g} s each, measured on {share} images)"
 
 
 def share_loss(model, levels, labels, total: int, world_size: int, weight: float = 1.0):

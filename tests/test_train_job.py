@@ -184,6 +184,20 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
         list(range(4, newer + 5, 4))
 
 
+def test_max_time_fixes_the_steps_in_config_json_before_training(ray_cluster, tmp_path):
+    """The driver measures what --max-time buys on a worker's resources (a Ray task) and records it in
+    config.json before the first step; the run trains exactly those steps; the same
+    command again trains nothing (the stored steps are used, not a new measurement)."""
+    args = ["--dataset", "synthetic", "--test-subset", 64, "--hidden", 8, "--blocks", 1, "--batch-size", 32,
+            "--grid-samples", 0, "--log-every", 1000, "--max-time", "1s", "--storage", tmp_path, "--name", "budget"]
+    proc = run_job("train.py", *args, env=ray_cluster.env)
+    steps = json.loads((tmp_path / "budget" / "config.json").read_text())["schedule_steps"]
+    final = last_json_line(proc.stdout)
+    assert f"--max-time 1 s buys {steps} steps" in proc.stdout and final["step"] == steps and final["done"]
+    again = run_main("train.py", *args, env=base_env())
+    assert f"already trained to step {steps}" in again.stdout and "buys" not in again.stdout
+
+
 def test_fail_fast_missing_bucket(s3, local_ray_env):
     env = {**local_ray_env, **s3.env}
     proc = run_main("train.py", *SMALL, "--storage", "s3://no-such-bucket/runs", env=env)

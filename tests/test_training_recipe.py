@@ -124,6 +124,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert any(not torch.allclose(init[k], once["training"]["raw_state"][k]) for k in init)
 
 
+def test_max_time_fixes_the_steps_once_and_the_schedule_spans_them(tmp_path):
+    """--max-time buys a number of steps measured before the first one; it is kept in the checkpoint's
+    config, so the resumed run trains those (not a new measurement), its schedule spanning them: the same
+    weights as a run given that number outright."""
+    recipe = dict(max_time=1.5, warmup_steps=2, epochs=1, ema=0.0)
+    _, stopped, lines = run(tmp_path, "budget", max_steps=3, **recipe)
+    steps = stopped["training"]["config"]["schedule_steps"]
+    assert stopped["step"] == 3 and steps > 8 and f"--max-time 1.5 s buys {steps} steps" in lines[0]
+    final, resumed, lines = run(tmp_path, "budget", **recipe)
+    assert "resuming from step 3 with 1 worker" in lines and not any("buys" in line for line in lines)
+    assert final["step"] == steps and final["done"] and final["epoch"] > 1  # past --epochs 1: the budget decides
+    # The last step's rate: the cosine (after 2 warm-up steps) spans the budget's steps, not --epochs 1's 4.
+    assert final["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (steps - 3) / (steps - 2))))
+    assert final["lr"] < 2e-5
+    _, once, _ = run(tmp_path, "once", schedule_steps=steps, **recipe)
+    for key, value in once["model_state"].items():
+        assert torch.equal(resumed["model_state"][key], value), key
+    with pytest.raises(ValueError, match="--max-time must be > 0"):
+        TrainConfig(**{**TINY, "max_time": 0})
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -318,6 +339,8 @@ def test_rerun_identity_check_fills_flags_a_stored_run_predates(tmp_path):
     ({"step": 6, "epoch": 0}, {"epochs": 1}, False),  # stopped mid-epoch (a crash, or --max-steps before)
     ({"step": 2, "epoch": 0}, {"epochs": 3, "max_steps": 2}, True),
     ({"step": 2, "epoch": 0}, {"epochs": 3, "max_steps": 3}, False),
+    ({"step": 40, "epoch": 5}, {"epochs": 1, "max_time": 60, "schedule_steps": 50}, False),  # the budget's steps
+    ({"step": 50, "epoch": 6}, {"epochs": 9, "max_time": 60, "schedule_steps": 50}, True),  # not --epochs
 ])
 def test_a_rerun_trains_only_if_it_asks_for_more(previous, asked, trained):
     from jobs.train import already_trained
