@@ -246,10 +246,11 @@ def test_a_job_started_from_another_folder(checkpoints, local_ray_env, tmp_path)
     assert sorted(table.column("id").to_pylist()) == list(range(6))
 
 
-def test_sigterm_and_ctrl_c_are_one_line_and_the_rerun_completes(checkpoints, local_ray_env, tmp_path):
+def test_sigterm_and_ctrl_c_are_one_line_and_the_rerun_completes(checkpoints, local_ray_env, ray_cluster, tmp_path):
     """SIGTERM (what `ray job stop` and Kubernetes send) mid-run, then Ctrl-C mid-rerun: each ends with status
     143 or 130 and one line, leaves only whole part files, and the same command again fills in the rest,
-    every id once. On a job's own in-process Ray, as on a laptop."""
+    every id once. Stopped on a job's own in-process Ray, as on a laptop; the last rerun joins the session's
+    cluster (one Ray start less)."""
     out = tmp_path / "out"
     args = ["--checkpoint", checkpoints["plain"], "--num-samples", 3000, "--rows-per-file", 50, "--output", out]
     parts = lambda: len(list(out.glob("part-*.parquet"))) if out.exists() else 0  # noqa: E731
@@ -260,7 +261,7 @@ def test_sigterm_and_ctrl_c_are_one_line_and_the_rerun_completes(checkpoints, lo
                  ready=lambda: parts() > written, waiting_for="a new part file")
         assert not list(out.glob(".tmp-*")), "a half-written file was left behind"
         assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 3000, "stopped too late to test a resume"
-    run_job("generate.py", *args, env=local_ray_env)
+    run_job("generate.py", *args, env=ray_cluster.env)
     assert sorted(pads.dataset(str(out), format="parquet").to_table().column("id").to_pylist()) == list(range(3000))
 
 

@@ -141,7 +141,7 @@ def test_rerun_of_finished_run_trains_nothing(resumed_run, tmp_path):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for shorter in ([], ["--max-steps", 1]):  # the same request again, or one that asks for less: no Ray needed
         proc = run_main("train.py", *args, *shorter, env=base_env())
-        assert "already trained to step 48 (6 epochs), as far as --epochs/--max-steps ask: nothing to train" in proc.stdout
+        assert "already trained to step 48 (6 epochs), as far as --epochs/--max-steps/--max-time ask: nothing to train" in proc.stdout
         assert last_json_line(proc.stdout)["step"] == 48
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
