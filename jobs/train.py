@@ -308,9 +308,9 @@ def measure_steps(cfg: TrainConfig, job: TrainJob, cpus: float) -> int:
     or a GPU): fixed in config.json, so a resume or another worker count trains the same ones."""
     import ray
 
-    from pixelcnn.training import budget_line, steps_in
+    from pixelcnn.training import budget_line, largest_share, steps_in
 
-    share = -(-cfg.batch_size // job.num_workers)
+    share = largest_share(cfg, job.num_workers)
     measure = ray.remote(steps_in).options(num_cpus=cpus, num_gpus=1 if job.use_gpu else 0)  # Ray touchpoint
     steps, per_step = ray.get(measure.remote(cfg, share, "cuda" if job.use_gpu else "cpu"))
     print(budget_line(cfg, steps, per_step, share), flush=True)

@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     if cfg.max_time is not None and cfg.schedule_steps is None:  # (jobs/train.py measures in its driver)
         steps = state["training"]["config"].get("schedule_steps") if state is not None else None
         if steps is None:
-            share = -(-cfg.batch_size // runtime.world_size)
+            share = largest_share(cfg, runtime.world_size)
             steps, per_step = steps_in(cfg, share, device, batches.shape, batches.num_classes)
             log(budget_line(cfg, steps, per_step, share))
         cfg = dataclasses.replace(cfg, schedule_steps=steps)
@@ -162,12 +162,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model_class = MODELS[cfg.model]
-    model = model_class(cfg.model_config(batches.shape, batches.num_classes)).to(device, getattr(torch, cfg.precision))
-    # One parameter group, every tensor decayed alike (the masked-out kernel entries get no gradient,
-    # so decay only shrinks values that are multiplied by zero anyway).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = new_model(cfg, batches.shape, batches.num_classes, device)
     step, history, curve = 0, [], []
     if state is not None:
         training = state["training"]
@@ -194,9 +189,7 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
     train_model = runtime.prepare_model(model)
     if cfg.compile:
         train_model = torch.compile(train_model)  # after DDP wrapping, as DDP's docs recommend
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
-    )
+    autocast = autocast_for(cfg, device)
     dims = math.prod(test_data.shape)
 
     def point(window: list, evaluated: bool) -> dict:
@@ -282,6 +275,24 @@ def train(cfg: TrainConfig, runtime: Runtime) -> dict:
 
 
 
+def new_model(cfg: TrainConfig, shape: tuple[int, int, int] | None, num_classes: int | None, device):
+    """(the model at its initial weights, its optimizer) for ``cfg``'s run on data of ``shape``."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    model = MODELS[cfg.model](cfg.model_config(shape, num_classes)).to(device, getattr(torch, cfg.precision))
+    # One parameter group, every tensor decayed alike (the masked-out kernel entries get no gradient,
+    # so decay only shrinks values that are multiplied by zero anyway).
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
+
+
+def largest_share(cfg: TrainConfig, world_size: int) -> int:
+    """The most images of a global batch one of ``world_size`` workers takes (what a step is timed on)."""
+    return -(-cfg.batch_size // world_size)
+
+
 def optimizer_step(cfg: TrainConfig, train_model, model, optimizer, levels, labels, total: int, world_size: int,
                    autocast, weight: float = 1.0) -> torch.Tensor:
     """One optimizer step on a worker's share of a global batch of ``total`` images (``train_model``: the
@@ -306,11 +317,9 @@ def steps_in(cfg: TrainConfig, share: int, device, shape: tuple[int, int, int] |
     device = torch.device(device)
     config = cfg.model_config(shape, num_classes)
     shape, num_classes = (config.in_channels, *config.image_size), config.num_classes
-    torch.manual_seed(cfg.seed)
-    model = MODELS[cfg.model](config).to(device, getattr(torch, cfg.precision))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = new_model(cfg, shape, num_classes, device)
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext()
+    autocast = autocast_for(cfg, device)
     levels = torch.randint(0, 256, (share, *shape), device=device)
     labels = torch.randint(0, max(1, num_classes), (share,), device=device)
     seconds = []
