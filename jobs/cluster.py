@@ -92,6 +92,9 @@ def init_ray(address: str | None) -> None:
     options = dict(log_to_driver=True, logging_level=log_level())
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        refused = refused_at_once(address)
+        if refused:
+            raise JobError(refused)
         try:
             ray.init(address=address, **options)
         except Exception as error:
@@ -135,18 +138,41 @@ def quiet_ray_logs(level: str) -> None:
             handler.setLevel(level)
 
 
+def refused_at_once(address: str) -> str | None:
+    """The one line for a cluster that refuses this job's token, asked once before ``ray.init``: Ray retries
+    a connection for ~20 s (for a cluster that is still starting), and a refused token never heals. Any
+    other outcome, or no answer within 2 s, is left to ``ray.init``."""
+    if "://" in address or ":" not in address:  # Ray Client, "auto": ray.init resolves those
+        return None
+    if os.environ.get("RAY_AUTH_MODE") == "token" and token_source() is None:
+        return None  # ray.init refuses that at once (Ray's client aborts the process on it)
+    try:
+        from ray._raylet import GcsClient  # Ray's own GCS client (not public API: without it, ray.init says it)
+    except ImportError:
+        return None
+    outcome = {}
+
+    def probe():
+        try:
+            GcsClient(address=address)
+        except Exception as error:  # noqa: BLE001 (which one is decided below)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=probe, daemon=True)  # an unreachable address blocks it for ~40 s
+    thread.start()
+    thread.join(2.0)
+    return authentication_refused(address, outcome["error"]) if "error" in outcome else None
+
+
 def authentication_refused(address: str, error: BaseException) -> str | None:
     """The one line for a cluster that refused this job's authentication (never the token itself), or
-    None if ``error`` is something else. Ray reads RAY_AUTH_MODE and a token from RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order."""
+    None if ``error`` is something else."""
     import ray.exceptions
 
     text = f"{error} {error.__cause__ or ''}"
     if not (isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in text):
         return None
-    source = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
-              f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})" if os.environ.get("RAY_AUTH_TOKEN_PATH") else
-              "~/.ray/auth_token" if os.path.exists(os.path.expanduser("~/.ray/auth_token")) else None)
+    source = token_source()
     if os.environ.get("RAY_AUTH_MODE") != "token":
         return (f"the Ray cluster at {address} requires token authentication and this job sent no token: set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
@@ -154,6 +180,14 @@ def authentication_refused(address: str, error: BaseException) -> str | None:
         return (f"the Ray cluster at {address} requires an authentication token and none was found: set RAY_AUTH_TOKEN "
                 "or RAY_AUTH_TOKEN_PATH to the cluster's token")
     return f"the Ray cluster at {address} refused the authentication token from {source}: it is not the cluster's token"
+
+
+def token_source() -> str | None:
+    """Where Ray reads this job's token from: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in
+    that order (None: nowhere)."""
+    return ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+            f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})" if os.environ.get("RAY_AUTH_TOKEN_PATH") else
+            "~/.ray/auth_token" if os.path.exists(os.path.expanduser("~/.ray/auth_token")) else None)
 
 
 def shutdown_ray() -> None:
