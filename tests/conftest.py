@@ -4,6 +4,8 @@ import io
 import json
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,7 +84,8 @@ def base_env(**extra) -> dict:
 
 
 def start_moto() -> tuple[subprocess.Popen, dict]:
-    """A moto S3 server on a free loopback port, and the environment that points AWS clients at it."""
+    """A moto server (AWS's APIs emulated: here Secrets Manager) on a free loopback port, and the environment
+    that points AWS clients at it."""
     port = free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(PYTHON), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,6 +101,56 @@ def start_moto() -> tuple[subprocess.Popen, dict]:
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
     }
+
+
+def start_seaweedfs() -> tuple[subprocess.Popen, dict, str]:
+    """A real S3 server, SeaweedFS (``weed server``: master, volume, filer and S3 gateway in one process), on
+    127.0.0.1 with the fake credentials the tests use; (server, the environment that points AWS clients at
+    it, its data folder). Its ports: P..P+4 and its gRPC ports P+10000..P+10004, P picked below Linux's
+    ephemeral range (where free_port's come from) and above Ray's worker ports (10002-19999)."""
+    while True:
+        port = 20000 + secrets.randbelow(2700)
+        if all(port_is_free(p) for p in (*range(port, port + 5), *range(port + 10000, port + 10005))):
+            break
+    folder = tempfile.mkdtemp(prefix="s3", dir="/tmp")
+    identities = os.path.join(folder, "identities.json")
+    with open(identities, "w") as f:
+        json.dump({"identities": [{"name": "tests", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
+                                   "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
+    os.makedirs(os.path.join(folder, "data"))
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(PYTHON), "weed"), "server", f"-dir={folder}/data", "-ip=127.0.0.1",
+         "-ip.bind=127.0.0.1", "-master.telemetry=false", "-s3", f"-s3.port={port}", "-s3.port.iceberg=0",
+         "-s3.port.lance=0", f"-master.port={port + 1}", f"-volume.port={port + 2}",
+         f"-filer.port={port + 3}", f"-metricsPort={port + 4}", f"-s3.config={identities}",
+         # Without these, a second bucket finds no writable volume (every PUT an InternalError).
+         "-volume.max=64", "-master.volumeSizeLimitMB=64"],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(folder, "weed.log"), "w"))
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.list_buckets()
+            return server, env, folder
+        except Exception:  # noqa: BLE001 (not up yet)
+            assert time.time() < deadline and server.poll() is None, "weed server did not start: see " + folder
+            time.sleep(0.2)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def kill_an_actor_midway(script: str, args: list, *, env: dict, title: str, temp_dir: str, started) -> str:
@@ -123,13 +176,12 @@ def kill_an_actor_midway(script: str, args: list, *, env: dict, title: str, temp
 
 @pytest.fixture(scope="session")
 def s3():
-    """A moto S3 server on 127.0.0.1 with fake credentials, plus a boto3 client for assertions.
-
-    A separate process: moto's in-process state is global, and other tests' ``mock_aws`` resets it.
-    """
+    """A real S3 server (SeaweedFS) on 127.0.0.1 with fake credentials, started once for the whole test run,
+    plus a boto3 client for assertions: exactly-once rests on S3's own semantics (a conditional PUT that
+    fails on an existing key, a listing that shows what was written), so they are not an emulator's."""
     import boto3
 
-    server, env = start_moto()
+    server, env, folder = start_seaweedfs()
     client = boto3.client(
         "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
         aws_secret_access_key="testing", region_name="us-east-1",
@@ -138,8 +190,8 @@ def s3():
     try:
         yield type("S3", (), {"env": env, "client": client, "endpoint": env["AWS_ENDPOINT_URL"]})
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_processes([server.pid])
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
@@ -185,7 +237,7 @@ def ray_cluster(s3):
     PID (never ``ray stop``). Its ``env`` names it in RAY_ADDRESS, as ``ray job submit`` does for a job, so
     every job run with that environment joins it instead of starting a Ray of its own (~10 s each).
 
-    Its workers inherit the fake AWS settings of the moto server, as instance profiles would give.
+    Its workers inherit the fake AWS settings of the S3 server, as instance profiles would give.
     """
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths
     port, dashboard = free_port(), free_port()
@@ -326,7 +378,7 @@ def nodes(s3):
     """A real multi-node Ray cluster on loopback, as Ray's own node-failure tests build one: a head with no
     CPUs (like cluster.yaml's) and worker raylets added and killed by the test (``add``, ``kill``).
 
-    The nodes start from this process's environment, which holds the moto endpoint and credentials, as
+    The nodes start from this process's environment, which holds the S3 endpoint and credentials, as
     instance profiles give real nodes theirs."""
     from ray.cluster_utils import Cluster
 

@@ -4,6 +4,7 @@ lost or doubled. (SIGTERM, a corrupt model.pt of a finished run and the newest c
 tests/test_train_job.py and tests/test_generate_job.py, beside the runs they reuse.)"""
 
 import json
+import shutil
 import subprocess
 import time
 
@@ -11,7 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, one_error_line, randomize, run_job, run_main, start_moto
+from conftest import MNIST_ROOT, PYTHON, REPO, one_error_line, randomize, run_job, run_main, start_seaweedfs, stop_processes
 from pixelcnn import PixelCNN
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
@@ -57,7 +58,7 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
     """The S3 server goes away mid-run: the line names the failing operation and the endpoint, in both jobs."""
     import boto3
 
-    server, aws = start_moto()
+    server, aws, folder = start_seaweedfs()
     endpoint = aws["AWS_ENDPOINT_URL"]
     env = {**local_ray_env, **aws}
     try:
@@ -89,8 +90,7 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
                 (found[:20], {name: logs[name].read_text()[-1500:] for name in jobs})
             time.sleep(0.5)
         assert all(p.poll() is None for p in procs.values()), "a job ended before the endpoint went away"
-        server.kill()
-        server.wait()
+        stop_processes([server.pid], grace=0)
         for name, proc in procs.items():
             proc.wait(timeout=300)
             err = logs[name].read_text()
@@ -99,7 +99,8 @@ def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_
             assert endpoint in line and ("connect" in line.lower() or "network" in line.lower()), f"{name}: {line}"
             assert "To change retry attempts" not in line
     finally:
-        server.kill()
+        stop_processes([server.pid], grace=0)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_subset_larger_than_the_dataset_is_refused(ray_cluster, tmp_path):

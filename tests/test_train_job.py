@@ -1,4 +1,4 @@
-"""jobs/train.py end to end: Ray Train DDP on a real local Ray cluster, S3 on a loopback moto server."""
+"""jobs/train.py end to end: Ray Train DDP on a real local Ray cluster, S3 on a loopback SeaweedFS server."""
 
 import io
 import json
