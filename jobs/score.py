@@ -38,10 +38,10 @@ from jobs.datasets import READ_CPUS, find_source, scan  # noqa: E402
 from jobs.schema import SCORE_SCHEMA, score_table  # noqa: E402
 from jobs.storage import Storage, check_bucket, check_writable, open_storage, read_checkpoint  # noqa: E402
 from pixelcnn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from pixelcnn.data import DATASETS, load_dataset  # noqa: E402
+from pixelcnn.data import DATASETS, load_dataset, source_option  # noqa: E402
 from pixelcnn.errors import DataError  # noqa: E402
 from pixelcnn.figures import score_report_png  # noqa: E402
-from pixelcnn.images import ImageOptions, background_option, in_test_split, read_range  # noqa: E402
+from pixelcnn.images import ImageOptions, in_test_split, read_range  # noqa: E402
 from pixelcnn.likelihood import score  # noqa: E402
 from pixelcnn.options import option  # noqa: E402
 
@@ -57,10 +57,10 @@ class ScoreRequest(ActorPoolOptions):
                           "file/folder/glob of your own images, local or s3://")
     split: str = option("all", "all images, or the train or test split (your own images: by --test-fraction's hash, "
                         "as training takes them)", choices=("all", "train", "test"))
-    test_fraction: float = option(0.05, "your own images with --split train/test: the held-out share, as in training")
-    data_dir: str = option("./data", "torchvision root holding e.g. MNIST/raw")
-    download: bool = option(False, "let torchvision download missing data")
-    image_column: str | None = option(None, "Parquet: the column of encoded images (default: image_png, else image)")
+    test_fraction: float = source_option("test_fraction")  # with --split train/test: as in training
+    data_dir: str = source_option("data_dir")
+    download: bool = source_option("download")
+    image_column: str | None = source_option("image_column")
     label_column: str | None = option(None, "Parquet: the integer label column; conditional models are then scored "
                                       "under each image's label")
     use_labels: bool = option(False, "conditional models: score under each image's own label (class subfolder, "
@@ -69,8 +69,8 @@ class ScoreRequest(ActorPoolOptions):
                                      "uniform)")
     resize: bool = option(False, "resize (Lanczos, centre-crop) and convert images to the model's size and channels "
                           "(default: images the model cannot take are refused)")
-    skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of refusing")
-    background: tuple[int, int, int] | None = background_option()
+    skip_bad_images: bool = source_option("skip_bad_images")
+    background: tuple[int, int, int] | None = source_option("background")
     per_pixel: bool = option(False, "add nll_png, a heat map of each pixel's NLL (bits/dim, 0..255 for 0..16 bits)")
     dtype: str = option("float32", "precision of the forward pass (recorded in the dtype column); float64 for exact "
                         "figures, bfloat16 for speed on GPUs", choices=DTYPES)
@@ -84,8 +84,7 @@ class ScoreRequest(ActorPoolOptions):
         super().__post_init__()
         if self.report < 0:
             raise ValueError(f"--report must be >= 0, got {self.report}")
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        ImageOptions(test_fraction=self.test_fraction)  # its checks (a ValueError: one error line)
         if self.label_probs is not None and (self.use_labels or self.label_column):
             raise ValueError("--label-probs is the prior of marginalised scores: not with --use-labels/--label-column")
 

@@ -9,8 +9,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .data import DATASET_SHAPES, DATASETS
-from .images import ImageOptions, background_option
+from .data import DATASET_SHAPES, DATASETS, source_option
+from .images import ImageOptions
 from .models import MODELS, NORMS, GatedPixelCNNConfig, PixelCNNConfig, PixelCNNppConfig
 from .options import flag_name, option
 from .sampling.streams import check_seed
@@ -45,26 +45,23 @@ class TrainConfig:
     dataset: str = option("mnist", "mnist, fashion_mnist, cifar10 (torchvision), synthetic (tiny, for tests), or "
                           "a folder, Parquet file/folder/glob of your own images, local or s3://", identity=True,
                           group="data")
-    data_dir: str = option("./data", "torchvision root holding e.g. MNIST/raw (on every node)", group="data")
-    download: bool = option(False, "let torchvision download missing data", group="data")
+    data_dir: str = source_option("data_dir", group="data")
+    download: bool = source_option("download", group="data")
     subset: int | None = option(None, "train on the first N training images only", identity=True, group="data")
     test_subset: int | None = option(None, "evaluate on the first N test images only (default: all)", group="data")
     test_dataset: str | None = option(None, "your own images: a separate test set (default: a --test-fraction of "
                                       "--dataset)", identity=True, group="data")
-    test_fraction: float = option(0.05, "your own images: the share held out for testing, chosen by a hash of each "
-                                  "image's path or row, so it never changes", identity=True, group="data")
+    test_fraction: float = source_option("test_fraction", identity=True, group="data")
     image_size: tuple[int, int] | None = option(None, "your own images: resize (Lanczos) and centre-crop to H or "
                                                 "HxW (default: they must share one size)", identity=True,
                                                 parse=image_size, metavar="H[xW]", group="data")
     channels: int | None = option(None, "your own images: convert to 1 (L) or 3 (RGB) channels (default: they must "
                                   "share one mode, L or RGB)", identity=True, choices=(1, 3), group="data")
-    image_column: str | None = option(None, "Parquet: the column of encoded images (default: image_png, else image)",
-                                      identity=True, group="data")
+    image_column: str | None = source_option("image_column", identity=True, group="data")
     label_column: str | None = option(None, "Parquet: the integer label column (default: label, if there is one)",
                                       identity=True, group="data")
-    skip_bad_images: bool = option(False, "skip files that do not decode (the job says how many) instead of "
-                                   "refusing the dataset", group="data")
-    background: tuple[int, int, int] | None = background_option(identity=True, group="data")
+    skip_bad_images: bool = source_option("skip_bad_images", group="data")
+    background: tuple[int, int, int] | None = source_option("background", identity=True, group="data")
     # model
     # "pixelcnn" stays the default so that existing runs and their names keep their meaning; "gated"
     # (no blind spot) is the one to train for quality.

@@ -21,7 +21,31 @@ import torch
 
 from ._torchvision import import_torchvision
 from .errors import DataError, one_line
-from .images import ImageOptions, Scan, find_images, in_test_split, read_range
+from .images import ImageOptions, Scan, background, find_images, in_test_split, read_range
+from .options import option
+
+# The flags of a data source that both jobs reading images take (the training config and the scoring
+# request), declared here once: field name -> (default, help, the option's other arguments). Each job adds
+# its own identity and --help group (``source_option``).
+SOURCE_FLAGS = {
+    "data_dir": ("./data", "torchvision root holding e.g. MNIST/raw (on every node)", {}),
+    "download": (False, "let torchvision download missing data", {}),
+    "test_fraction": (0.05, "your own images: the share held out as the test split, chosen by a hash of each "
+                            "image's path or row, so it never changes", {}),
+    "image_column": (None, "Parquet: the column of encoded images (default: image_png, else image)", {}),
+    "skip_bad_images": (False, "skip files that do not decode (the job says how many) instead of refusing the "
+                               "dataset", {}),
+    "background": (None, "your own images: composite pixels that are not opaque onto this colour: white, black or "
+                         "R,G,B (default: such images are refused, since what lies under a transparent pixel is "
+                         "never seen and must not be learned)", {"parse": background, "metavar": "white|black|R,G,B"}),
+}
+
+
+def source_option(name: str, **kwargs):
+    """The field of data-source flag ``name`` (``SOURCE_FLAGS``); ``kwargs``: its identity and ``--help``
+    group in the config that takes it."""
+    default, help, extra = SOURCE_FLAGS[name]
+    return option(default, help, **extra, **kwargs)
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (channels, height, width, classes) of each dataset, known without loading it.

@@ -51,7 +51,6 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, one_line
-from .options import option
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 IMAGE_COLUMNS = ("image_png", "image")  # looked for in this order when no column is named
@@ -89,15 +88,6 @@ def background(text: str) -> tuple[int, int, int]:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise ValueError(f"--background must be white, black or R,G,B with each 0..255, got {text!r}")
     return rgb
-
-
-def background_option(**kwargs):
-    """The ``--background`` flag, declared here once for every job that reads your own images (the
-    training config and the scoring request each take it as a field: ``kwargs`` are its identity and
-    ``--help`` group there)."""
-    return option(None, "your own images: composite pixels that are not opaque onto this colour: white, black or "
-                  "R,G,B (default: such images are refused, since what lies under a transparent pixel is never "
-                  "seen and must not be learned)", parse=background, metavar="white|black|R,G,B", **kwargs)
 
 
 @dataclass(frozen=True)
