@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -111,9 +112,38 @@ def init_ray(address: str | None) -> None:
         paths = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [path for path in paths if path != root])
         ray.init(address="local", **options)
+    if not debugging():
+        drop_ray_notices()
     # ray.init puts in its own SIGTERM handler (exit at once, or tear the local node down): ours makes it
     # one error line like Ctrl-C, after which Ray is shut down all the same.
     signal.signal(signal.SIGTERM, raise_terminated)
+
+
+# Lines Ray's processes print that are no error of the job's, though Ray logs them at ERROR level: Ray Train's
+# controller logs this one for its PreemptionWatcher actor in every run (it stays in the session's logs).
+RAY_NOTICES = re.compile(r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: '\w+' has constructor arguments "
+                         r"in the object store and max_restarts > 0")
+
+
+def drop_ray_notices() -> None:
+    """Leave RAY_NOTICES' lines out of the console lines Ray forwards from its workers to this driver. (Ray's
+    dispatcher of those lines is not public API: without it, the lines are shown.)"""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def without_notices(handler):
+        def handle(data: dict):
+            lines = [line for line in data.get("lines", []) if not RAY_NOTICES.search(line)]
+            if lines or not data.get("lines"):
+                handler({**data, "lines": lines})
+        return handle
+
+    for name, handler in list(getattr(dispatcher, "handlers", [])):
+        if name == "ray_print_logs":  # the handler that prints them (ray.init(log_to_driver=True))
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, without_notices(handler))
 
 
 def not_the_token_notice(record: logging.LogRecord) -> bool:
