@@ -119,9 +119,10 @@ def init_ray(address: str | None) -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-# Lines Ray's processes print that are no error of the job's, though Ray logs them at ERROR level: Ray Train's
-# controller logs this one for its PreemptionWatcher actor in every run (it stays in the session's logs).
-RAY_NOTICES = re.compile(r"core_worker\.cc:\d+: Actor with class name: '\w+' and ID: '\w+' has constructor arguments "
+# Lines Ray's workers print that are no error of the job's, though Ray logs them at ERROR level: Ray Train's
+# controller logs this one for its PreemptionWatcher actor in every run (it stays in the session's logs). (The
+# driver's own C++ logs the same for a Ray Data actor pool, straight to its stderr: that one is still shown.)
+RAY_NOTICES = re.compile(r"core_worker\.cc:\d+: Actor with class name: '[^']+' and ID: '\w+' has constructor arguments "
                          r"in the object store and max_restarts > 0")
 
 
