@@ -102,7 +102,8 @@ def test_the_sink_writes_only_into_the_drivers_local_folder(tmp_path):
 
 def test_a_manifest_that_cannot_be_written_is_one_error_line(s3, monkeypatch):
     """The manifest's exclusive create goes through boto3, not Arrow: its failure (no credentials) is a
-    JobError naming the output, not a traceback."""
+    JobError naming the output, not a traceback. (A fresh output: S3 refuses the listing before it to
+    anonymous requests too.)"""
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ROLE_ARN",
@@ -114,7 +115,7 @@ def test_a_manifest_that_cannot_be_written_is_one_error_line(s3, monkeypatch):
     output = open_storage("s3://pixelcnn/no-credentials", None)
     with pytest.raises(JobError, match="^cannot write to s3://pixelcnn/no-credentials \\(endpoint http://127.0.0.1:\\d+\\): "
                                        "Unable to locate credentials"):
-        claim(output)
+        outputs.claim(output, BASE, has_parts=False)
 
 
 def test_the_plan_is_read_from_file_names():
