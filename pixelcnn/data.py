@@ -47,6 +47,7 @@ def source_option(name: str, **kwargs):
     default, help, extra = SOURCE_FLAGS[name]
     return option(default, help, **extra, **kwargs)
 
+
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "synthetic")
 # (channels, height, width, classes) of each dataset, known without loading it.
 DATASET_SHAPES = {
