@@ -34,12 +34,12 @@ def ids_of(folder):
     return sorted(pads.dataset(str(folder), format="parquet").to_table(columns=["id"]).column("id").to_pylist())
 
 
-def test_two_live_writers_with_other_rows_per_file_never_double_an_id(checkpoint, local_ray_env, tmp_path):
+def test_two_live_writers_with_other_rows_per_file_never_double_an_id(checkpoint, ray_cluster, tmp_path):
     """Two generate.py runs at once into one output, one with --rows-per-file 50, one with 30: the second
     is refused while the first writes (the lease), or, started after it, writes the output's own layout."""
     out = tmp_path / "out"
     jobs = [subprocess.Popen([PYTHON, "jobs/generate.py", "--checkpoint", str(checkpoint), "--num-samples", "400",
-                              "--rows-per-file", str(rows), "--output", str(out)], cwd=REPO, env=local_ray_env,
+                              "--rows-per-file", str(rows), "--output", str(out)], cwd=REPO, env=ray_cluster.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rows in (50, 30)]
     results = [(job.wait(timeout=300), *job.communicate()) for job in jobs]
     for code, _, err in results:
@@ -48,28 +48,33 @@ def test_two_live_writers_with_other_rows_per_file_never_double_an_id(checkpoint
             assert code == 2 and ("is writing" in line or "claimed just now" in line), err[-2000:]
     assert any(code == 0 for code, _, _ in results)
     run_job("generate.py", "--checkpoint", checkpoint, "--num-samples", 400, "--rows-per-file", 30, "--output", out,
-            env=local_ray_env)
+            env=ray_cluster.env)
     assert ids_of(out) == list(range(400))  # every id once: no file overlaps another
     layout = json.loads((out / "_manifest.json").read_text())["rows_per_file"]
     assert all((int(p.name[5:17]) % layout == 0) for p in out.glob("part-*.parquet"))
 
 
-def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, local_ray_env, tmp_path):
-    """The S3 server goes away mid-run: the line names the failing operation and the endpoint, in both jobs."""
+def test_a_lost_s3_endpoint_is_named_in_one_line(checkpoint, ray_cluster, tmp_path):
+    """The S3 server goes away mid-run: the line names the failing operation and the endpoint, in both jobs.
+    An S3 server of its own, named by --s3-endpoint (the session's cluster has the same fake credentials); the
+    two jobs share the cluster's 4 CPUs."""
     import boto3
 
     server, aws, folder = start_seaweedfs()
     endpoint = aws["AWS_ENDPOINT_URL"]
-    env = {**local_ray_env, **aws}
+    env = ray_cluster.env
     try:
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1").create_bucket(Bucket="lost")
         jobs = {
             "generate": [PYTHON, "jobs/generate.py", "--checkpoint", checkpoint, "--num-samples", 3000,
                          "--sampler", "naive",  # slow on purpose: still mid-run when the train job first checkpoints
-                         "--rows-per-file", 20, "--output", "s3://lost/samples"],
+                         "--rows-per-file", 20, "--num-actors", 1, "--cpus-per-actor", 1, "--output", "s3://lost/samples",
+                         "--s3-endpoint", endpoint],
             "train": [PYTHON, "jobs/train.py", *map(str, SMALL), "--epochs", 40, "--checkpoint-every", 2,
-                      "--storage", "s3://lost/runs"],
+                      "--cpus-per-worker", 1,
+                      "--max-failures", 0,  # the first failure is the run's: no restart that meets it again
+                      "--storage", "s3://lost/runs", "--s3-endpoint", endpoint],
         }
         logs = {name: tmp_path / f"{name}.err" for name in jobs}  # files: a full pipe would stall a job
         procs = {name: subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
