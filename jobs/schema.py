@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pixelcnn.images import encode_png
 
@@ -52,9 +51,9 @@ SAMPLE_SCHEMA = pa.schema([
 
 def sample_table(
     ids: np.ndarray,
-    images: torch.Tensor | np.ndarray,
-    log_prob: torch.Tensor | np.ndarray,
-    labels: torch.Tensor | np.ndarray | None,
+    images: np.ndarray,
+    log_prob: np.ndarray,
+    labels: np.ndarray | None,
     *,
     seed: int,
     temperature: float,
@@ -63,7 +62,8 @@ def sample_table(
     checkpoint: str,
     model_sha256: str,
 ) -> pa.Table:
-    """Rows in ``SAMPLE_SCHEMA`` for a batch of samples."""
+    """Rows in ``SAMPLE_SCHEMA`` for a batch of samples (arrays, or CPU tensors). This module needs no torch: it
+    runs in Ray Data's CPU tasks."""
     images = np.asarray(images, dtype=np.uint8)
     n, channels, height, width = images.shape
     log_prob = np.asarray(log_prob, dtype=np.float64)

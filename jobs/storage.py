@@ -19,9 +19,8 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from jobs.errors import JobError
-from pixelcnn.checkpoint import MODEL_FILE
 from pixelcnn.errors import one_line
-from pixelcnn.files import write_atomically
+from pixelcnn.files import MODEL_FILE, write_atomically
 
 
 @dataclass(frozen=True)

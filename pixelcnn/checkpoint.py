@@ -27,11 +27,10 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, one_line
-from .files import write_atomically
+from .files import MODEL_FILE, write_atomically
 from .models import MODEL_CLASSES, build_model
 
 FORMAT = "pixelcnn-checkpoint/1"
-MODEL_FILE = "model.pt"  # name of the checkpoint file inside a checkpoint or run folder
 REQUIRED = ("format", "model_class", "model_config", "model_state", "data_shape", "step")
 
 

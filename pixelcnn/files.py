@@ -6,6 +6,8 @@ import os
 import uuid
 from typing import BinaryIO, Callable
 
+MODEL_FILE = "model.pt"  # name of the checkpoint file inside a checkpoint or run folder
+
 
 def write_atomically(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write ``data`` (bytes, or ``data(f)`` writing into ``f``) to a temporary file beside ``path``, then

@@ -140,13 +140,13 @@ def test_outliers_rank_at_the_unlikely_end(ray_cluster, tmp_path):
 def test_a_killed_actor_and_a_lost_file_still_give_every_image_once(ray_cluster, s3, tmp_path):
     save_model(tmp_path / "model", image_size=(6, 6))
     s3.client.upload_file(str(tmp_path / "model" / "model.pt"), "pixelcnn", "models/score/model.pt")
-    images = grey_folder(tmp_path / "images", 400)
+    images = grey_folder(tmp_path / "images", 200)
     args = ["--checkpoint", "s3://pixelcnn/models/score", "--dataset", images, "--output", "s3://pixelcnn/scores/kill",
             "--rows-per-file", 10, "--batch-size", 5, "--num-actors", 2, "--address", ray_cluster.address]
     kill_an_actor_midway("score.py", args, env=ray_cluster.env, title="ScoreShards", temp_dir=ray_cluster.temp_dir,
                          started=lambda: any(k.endswith(".parquet") for k in s3_keys(s3.client, "pixelcnn", "scores/kill/")))
     keys = [k for k in s3_keys(s3.client, "pixelcnn", "scores/kill/") if k.endswith(".parquet")]
-    assert len(keys) == 40
+    assert len(keys) == 20
     s3.client.delete_object(Bucket="pixelcnn", Key=keys[7])
     proc = run_job("score.py", *args, env=ray_cluster.env)
     assert last_json_line(proc.stdout)["images"] == 10
@@ -155,7 +155,7 @@ def test_a_killed_actor_and_a_lost_file_still_give_every_image_once(ray_cluster,
     fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.split("//")[1], scheme="http", region="us-east-1",
                            access_key="testing", secret_key="testing")
     table = pads.dataset("pixelcnn/scores/kill", filesystem=fs, format="parquet").to_table(columns=["id"])
-    assert sorted(table.column("id").to_pylist()) == list(range(400))
+    assert sorted(table.column("id").to_pylist()) == list(range(200))
 
 
 @pytest.mark.parametrize("case", ["size", "missing-checkpoint", "undecodable", "split-empty", "foreign", "mnist-elsewhere"])
