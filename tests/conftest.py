@@ -84,6 +84,13 @@ def base_env(**extra) -> dict:
         # 1 s idle; a job's actors count too, so Ray Data's task workers were killed between two shards and
         # started again, ~4 CPU-s each (a generation test started 30 workers, now 21: 81 s -> 61 s).
         RAY_num_workers_soft_limit="16",
+        # Ray Train starts a PreemptionWatcher actor per run (~3 CPU-s) to notice a node being drained, which no
+        # test does; tests/test_train_job.py turns it back on where its console line is the point.
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+        # No workers started ahead of demand: a raylet prestarts workers for the first driver and for queued
+        # tasks, and in a test most of them idle until killed (~1.5 CPU-s each; ~4-6 CPU-s a training job).
+        RAY_prestart_worker_first_driver="0",
+        RAY_enable_worker_prestart="0",
     )
     env.update(extra)
     return env
@@ -251,7 +258,10 @@ def ray_cluster(s3):
     env = base_env(**s3.env, PATH=os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", ""))
     cmd = [
         os.path.join(os.path.dirname(PYTHON), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        # Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves: without it, each run
+        # prints "Failed to query Ray Train Controller actor state" every few seconds.
+        "--include-dashboard=true",
         f"--temp-dir={temp_dir}", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
         # Ports of their own: Ray's fixed defaults would collide with another cluster on this machine.
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
@@ -341,14 +351,15 @@ def local_ray_env(tmp_path_factory):
 
 
 def stop_job(script: str, *args, env: dict, ready, waiting_for: str, sig: int | None = signal.SIGINT, status: int = 130,
-             line: str = "error: interrupted: rerun the same command to resume", timeout: float = 180) -> str:
-    """Start ``python jobs/<script>``, send it ``sig`` once ``ready()`` (Ctrl-C by default; None: SIGKILL, as
+             line: str = "error: interrupted: rerun the same command to resume", timeout: float = 180,
+             cwd: Path = REPO) -> str:
+    """Start ``python <repo>/jobs/<script>`` in ``cwd``, send it ``sig`` once ``ready()`` (Ctrl-C by default; None: SIGKILL, as
     a lost laptop), and check how it stops: ``status`` and, last on stderr, ``line`` (a SIGKILL is not
     checked). Returns what it printed, stdout and stderr (files: an unread pipe could stall the job)."""
     with tempfile.TemporaryDirectory() as logs:
         out, err = Path(logs) / "out", Path(logs) / "err"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            job = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=stdout,
+            job = subprocess.Popen([PYTHON, str(REPO / "jobs" / script), *map(str, args)], cwd=cwd, env=env, stdout=stdout,
                                    stderr=stderr)
         try:
             deadline = time.time() + timeout
@@ -396,6 +407,8 @@ def nodes(s3):
     os.environ.clear()
     os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
+        # No dashboard (~15 CPU-s a module): Ray Train's PlacementGroupCleaner then logs that it cannot ask the
+        # State API (see ray_cluster), which only the jobs' logs show.
         num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", temp_dir=env["RAY_TMPDIR"]))
 
     class Nodes:

@@ -235,33 +235,27 @@ def test_an_actors_error_is_named_by_its_own_message(ray_cluster):
     assert lines == ["ROOT CAUSE: OverflowError: the user's own message"], proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def test_a_job_started_from_another_folder(checkpoints, local_ray_env, tmp_path):
-    """The workers import `jobs` (the sink's Storage travels to them) from the repo root, wherever the
-    driver was started."""
-    proc = subprocess.run([PYTHON, str(REPO / "jobs" / "generate.py"), "--checkpoint", str(checkpoints["plain"]),
-                           "--num-samples", "6", "--rows-per-file", "3", "--output", "out"],
-                          cwd=tmp_path, env=local_ray_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    table = pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
-    assert sorted(table.column("id").to_pylist()) == list(range(6))
-
-
 def test_sigterm_and_ctrl_c_are_one_line_and_the_rerun_completes(checkpoints, local_ray_env, ray_cluster, tmp_path):
     """SIGTERM (what `ray job stop` and Kubernetes send) mid-run, then Ctrl-C mid-rerun: each ends with status
     143 or 130 and one line, leaves only whole part files, and the same command again fills in the rest,
     every id once. SIGTERM stops a job on the session's cluster (as `ray job stop` does), Ctrl-C one on its own
-    in-process Ray (as on a laptop); the last rerun joins the session's cluster."""
+    in-process Ray (as on a laptop), started from another folder with a relative --output: its part files
+    show that the workers import `jobs` (the sink's Storage travels to them) wherever the driver started. The
+    last rerun joins the session's cluster."""
     out = tmp_path / "out"
-    args = ["--checkpoint", checkpoints["plain"], "--num-samples", 1200, "--rows-per-file", 40, "--output", out]
+    args = ["--checkpoint", checkpoints["plain"], "--num-samples", 1200, "--rows-per-file", 40]
     parts = lambda: len(list(out.glob("part-*.parquet"))) if out.exists() else 0  # noqa: E731
-    for sig, status, line, env in ((signal.SIGTERM, 143, "error: terminated: rerun the same command to resume", ray_cluster.env),
-                                   (signal.SIGINT, 130, "error: interrupted: rerun the same command to resume", local_ray_env)):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for sig, status, line, env, cwd, output in (
+            (signal.SIGTERM, 143, "error: terminated: rerun the same command to resume", ray_cluster.env, REPO, out),
+            (signal.SIGINT, 130, "error: interrupted: rerun the same command to resume", local_ray_env, elsewhere, "../out")):
         written = parts()
-        stop_job("generate.py", *args, env=env, sig=sig, status=status, line=line,
+        stop_job("generate.py", *args, "--output", output, env=env, sig=sig, status=status, line=line, cwd=cwd,
                  ready=lambda: parts() > written, waiting_for="a new part file")
         assert not list(out.glob(".tmp-*")), "a half-written file was left behind"
         assert 0 < len(pads.dataset(str(out), format="parquet").to_table()) < 1200, "stopped too late to test a resume"
-    run_job("generate.py", *args, env=ray_cluster.env)
+    run_job("generate.py", *args, "--output", out, env=ray_cluster.env)
     assert sorted(pads.dataset(str(out), format="parquet").to_table().column("id").to_pylist()) == list(range(1200))
 
 

@@ -172,8 +172,9 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
     registered that step's checkpoint: the rerun resumes from that step, not from the last registered step 4."""
     run, args, _ = resumed_run
     args = [a if a != str(run.parent) else str(tmp_path) for a in args]
+    env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}  # Ray's default: the actor NOTICE is about
     # PIXELCNN_DEBUG=1 shows Ray's INFO lines, which a job leaves out by default (the second run below).
-    proc = run_job("train.py", *args, "--max-steps", 4, "--name", "short", env={**ray_cluster.env, "PIXELCNN_DEBUG": "1"})
+    proc = run_job("train.py", *args, "--max-steps", 4, "--name", "short", env={**env, "PIXELCNN_DEBUG": "1"})
     assert "Reporting training result" in proc.stderr and "Setting up process group" in proc.stderr
     assert NOTICE in proc.stderr  # Ray's ERROR-level line about its own actor, shown only here (jobs.cluster.RAY_NOTICES)
     # The resumed run's first checkpoint after step 4 (the same recipe, so the same weights): usually step 8, but
@@ -181,7 +182,7 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
     newer = min(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoint_0*/model.pt")
                 if int(p.parent.name.split("_")[1]) > 4)
     shutil.copy(run / f"checkpoint_{newer:09d}" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest
-    proc = run_job("train.py", *args, "--max-steps", newer + 4, "--name", "short", env=ray_cluster.env)
+    proc = run_job("train.py", *args, "--max-steps", newer + 4, "--name", "short", env=env)
     assert f"resuming from step {newer}" in proc.stdout
     assert not ray_info_lines(proc.stdout + proc.stderr) and NOTICE not in proc.stderr
     assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
