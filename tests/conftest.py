@@ -353,14 +353,15 @@ def local_ray_env(tmp_path_factory):
 def stop_job(script: str, *args, env: dict, ready, waiting_for: str, sig: int | None = signal.SIGINT, status: int = 130,
              line: str = "error: interrupted: rerun the same command to resume", timeout: float = 180,
              cwd: Path = REPO) -> str:
-    """Start ``python <repo>/jobs/<script>`` in ``cwd``, send it ``sig`` once ``ready()`` (Ctrl-C by default; None: SIGKILL, as
-    a lost laptop), and check how it stops: ``status`` and, last on stderr, ``line`` (a SIGKILL is not
-    checked). Returns what it printed, stdout and stderr (files: an unread pipe could stall the job)."""
+    """Start ``python <repo>/jobs/<script>`` in ``cwd``, send it ``sig`` once ``ready()`` (Ctrl-C by default;
+    None: SIGKILL, as a lost laptop), and check how it stops: ``status`` and, last on stderr, ``line`` (a
+    SIGKILL is not checked). Returns what it printed, stdout and stderr (files: an unread pipe could stall the
+    job)."""
     with tempfile.TemporaryDirectory() as logs:
         out, err = Path(logs) / "out", Path(logs) / "err"
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            job = subprocess.Popen([PYTHON, str(REPO / "jobs" / script), *map(str, args)], cwd=cwd, env=env, stdout=stdout,
-                                   stderr=stderr)
+            job = subprocess.Popen([PYTHON, str(REPO / "jobs" / script), *map(str, args)], cwd=cwd, env=env,
+                                   stdout=stdout, stderr=stderr)
         try:
             deadline = time.time() + timeout
             while not ready():

@@ -172,7 +172,8 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_clu
     registered that step's checkpoint: the rerun resumes from that step, not from the last registered step 4."""
     run, args, _ = resumed_run
     args = [a if a != str(run.parent) else str(tmp_path) for a in args]
-    env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}  # Ray's default: the actor NOTICE is about
+    # The PreemptionWatcher on, as Ray's default has it (conftest.base_env turns it off): NOTICE is about that actor.
+    env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
     # PIXELCNN_DEBUG=1 shows Ray's INFO lines, which a job leaves out by default (the second run below).
     proc = run_job("train.py", *args, "--max-steps", 4, "--name", "short", env={**env, "PIXELCNN_DEBUG": "1"})
     assert "Reporting training result" in proc.stderr and "Setting up process group" in proc.stderr
