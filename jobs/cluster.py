@@ -119,11 +119,15 @@ def init_ray(address: str | None) -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-# Lines Ray's workers print that are no error of the job's, though Ray logs them at ERROR level: Ray Train's
-# controller logs this one for its PreemptionWatcher actor in every run (it stays in the session's logs). (The
-# driver's own C++ logs the same for a Ray Data actor pool, straight to its stderr: that one is still shown.)
+# Lines Ray's workers print that are no error of the job's (they stay in the session's logs):
+# - Ray Train's controller logs this one at ERROR level for its PreemptionWatcher actor in every run. (The
+#   driver's own C++ logs the same for a Ray Data actor pool, straight to its stderr: that one is still shown.)
+# - On a cluster started without its dashboard (``ray start --include-dashboard=false``), Ray Train's
+#   PlacementGroupCleaner asks the State API, which the dashboard serves, every few seconds of every run, and
+#   warns each time that it could not. (It would remove a run's placement group if the run's controller died.)
 RAY_NOTICES = re.compile(r"core_worker\.cc:\d+: Actor with class name: '[^']+' and ID: '\w+' has constructor arguments "
-                         r"in the object store and max_restarts > 0")
+                         r"in the object store and max_restarts > 0|"
+                         r"Failed to query Ray Train Controller actor state\. State API may be temporarily unavailable")
 
 
 def drop_ray_notices() -> None:
