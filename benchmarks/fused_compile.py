@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -43,6 +44,7 @@ KERNELS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "i
 
 def compile_kernel(dtype: torch.dtype, precision: str, arch: int) -> dict:
     """Compile the reference model's pixel step for ``arch`` with the module's current tiles."""
+    torch.set_num_threads(1)  # one compile per core (main's pool)
     model = PixelCNN(hidden=128, blocks=15).to(dtype).eval()
     stepper = make_stepper(model, 256, dtype, torch.device("cpu"), "fused")
     stepper.temperature, stepper.meta["PRECISION"] = torch.ones((), dtype=torch.float64), precision
@@ -80,33 +82,45 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
             "spill_bytes": int(spills.group(1)) + int(spills.group(2))}
 
 
+def compile_row(task: tuple) -> dict:
+    """One report row: ``row`` with what compiling its kernel with ``knobs`` (the tiles) costs, or its error."""
+    row, knobs, dtype = task
+    for knob, value in knobs.items():
+        setattr(pixelcnn.sampling.fused, knob, value)
+    try:
+        return {**row, **compile_kernel(dtype, row["precision"], row["arch"])}
+    except Exception as e:  # e.g. tiles that need more shared memory than exists
+        return {**row, "error": " ".join(str(e).split())[:200]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", default="", help="comma-separated KxNxWARPS[xSTAGES] (default: fused.py's own)")
     p.add_argument("--arch", default="90,86", help="comma-separated compute capabilities (90: H100, 86: A10G)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="kernels compiled at once (default: one per core)")
     args = p.parse_args()
     try:
         choices = [(t, parse_tiles(t)) for t in args.tiles.split(",") if t] or [(None, None)]
     except ValueError as e:
         p.error(str(e))
     defaults = {knob: getattr(pixelcnn.sampling.fused, knob) for knob in TILE_KNOBS}
-    report = []
-    for tiles, values in choices:
-        for knob, value in {**defaults, **dict(zip(TILE_KNOBS, values or ()))}.items():
-            setattr(pixelcnn.sampling.fused, knob, value)
+    rows = []
+    for _, values in choices:
+        knobs = {**defaults, **dict(zip(TILE_KNOBS, values or ()))}
         for arch in map(int, args.arch.split(",")):
             for dtype, precision in KERNELS:
-                row = {"tiles": "x".join(str(getattr(pixelcnn.sampling.fused, knob)) for knob in TILE_KNOBS),
-                       "arch": arch, "gpu": ARCHS.get(arch, "?"), "dtype": str(dtype).removeprefix("torch."),
-                       "precision": precision}
-                try:
-                    row.update(compile_kernel(dtype, precision, arch))
-                except Exception as e:  # e.g. tiles that need more shared memory than exists
-                    row["error"] = " ".join(str(e).split())[:200]
-                report.append(row)
-                if not args.json:
-                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                rows.append(({"tiles": "x".join(str(knobs[knob]) for knob in TILE_KNOBS), "arch": arch,
+                              "gpu": ARCHS.get(arch, "?"), "dtype": str(dtype).removeprefix("torch."),
+                              "precision": precision}, knobs, dtype))
+    # Each kernel compiles on one core (Triton's LLVM and ptxas): one process per core, in a fresh
+    # interpreter each (spawn: no forked torch or Triton state).
+    with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(rows))) as pool:
+        report = []
+        for row in pool.imap(compile_row, rows):
+            report.append(row)
+            if not args.json:
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
 
