@@ -4,6 +4,8 @@ worker, and training images/s, from a local PNG folder, the same folder on S3 an
     .venv/bin/python benchmarks/ingest.py                           # 4,000 MNIST PNGs, every source
     .venv/bin/python benchmarks/ingest.py --images 256 --steps 0    # cheap: no training jobs
     .venv/bin/python benchmarks/ingest.py --sources memory,folder --measures train   # the target alone
+    .venv/bin/python benchmarks/ingest.py --images 256 --steps 3 --log-every 1 --no-streamed --train-sources folder
+                                                                    # the cheapest run of every measure (the test's)
 
 The dataset: the first --images MNIST training images as 28x28 grayscale PNGs in ten class folders
 (``7/00042.png``), written by ``pixelcnn.images.encode_png`` (what the generation job writes); the same
@@ -74,6 +76,7 @@ def main() -> None:
     p.add_argument("--decode-images", type=int, default=1000, help="images the one-process decode figure reads")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}")
     p.add_argument("--measures", default="decode,deliver,train", help="comma-separated, of decode, deliver, train")
+    p.add_argument("--train-sources", help="the sources the training jobs read (default: --sources)")
     p.add_argument("--steps", type=int, default=50, help="training steps per job (0: no training jobs); keep it "
                    "below one epoch (train images / 64), so no epoch-end report falls inside the timed window")
     p.add_argument("--log-every", type=int, default=5, help="the jobs' progress lines: the timed window starts at the first")
@@ -83,7 +86,8 @@ def main() -> None:
     p.add_argument("--json", help="also write every figure to this file")
     args = p.parse_args()
     sources = [s for s in args.sources.split(",") if s]
-    unknown = set(sources) - set(SOURCES)
+    train_sources = [s for s in args.train_sources.split(",") if s] if args.train_sources else sources
+    unknown = set(sources + train_sources) - set(SOURCES)
     if unknown:
         p.error(f"unknown sources {', '.join(sorted(unknown))}: choose from {', '.join(SOURCES)}")
     measures = [m for m in args.measures.split(",") if m]
@@ -102,7 +106,7 @@ def main() -> None:
         print(f"dataset: {args.images} MNIST PNGs in 10 class folders ({folder_bytes(folder) / 1e6:.1f} MB), the same "
               f"bytes in {-(-args.images // PARQUET_ROWS)} Parquet files; {torch.get_num_threads()} torch threads, "
               f"{os.cpu_count()} CPUs", flush=True)
-        server = start_moto(tmp) if "s3" in sources else None
+        server = start_moto(tmp) if "s3" in sources + train_sources else None
         try:
             uris = {"folder": folder, "parquet": parquet}
             if server is not None:
@@ -112,7 +116,7 @@ def main() -> None:
             if "deliver" in measures:
                 rows += deliver_rates(sources, uris, mnist, args)
             if "train" in measures:
-                rows += train_rates(sources, uris, args, tmp)
+                rows += train_rates(train_sources, uris, args, tmp)
         finally:
             if server is not None:
                 server.terminate()
