@@ -253,22 +253,22 @@ def ray_cluster(s3):
     Its workers inherit the fake AWS settings of the S3 server, as instance profiles would give.
     """
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths
-    port, dashboard = free_port(), free_port()
-    # `ray job submit` entrypoints say `python`: it must be this interpreter.
-    env = base_env(**s3.env, PATH=os.path.dirname(PYTHON) + os.pathsep + os.environ.get("PATH", ""))
+    port = free_port()
+    env = base_env(**s3.env)
     cmd = [
         os.path.join(os.path.dirname(PYTHON), "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        # Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves: without it, each run
-        # prints "Failed to query Ray Train Controller actor state" every few seconds.
-        "--include-dashboard=true",
+        f"--port={port}",
+        # No dashboard (~4 CPU-s a training job, its agents' polling): no test submits through it (tests/test_auth.py
+        # has a cluster of its own that does). Ray Train's PlacementGroupCleaner then warns every few seconds
+        # that it cannot ask the State API, which the jobs leave out (jobs.cluster.RAY_NOTICES).
+        "--include-dashboard=false",
         f"--temp-dir={temp_dir}", "--num-cpus=4", "--num-gpus=0", "--disable-usage-stats",
         # Ports of their own: Ray's fixed defaults would collide with another cluster on this machine.
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     info = type("Cluster", (), {
-        "address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir,
+        "address": f"127.0.0.1:{port}", "temp_dir": temp_dir,
         "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
     })
     try:
@@ -293,13 +293,45 @@ def stop_processes(pids, grace: float = 2.0) -> None:
 
 def run_job(script: str, *args, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python jobs/<script>`` from the repo root; returns the completed process."""
-    proc = subprocess.run(
-        [PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return start_job(script, *args, env=env).result(timeout=timeout, check=check)
+
+
+class start_job:
+    """``python jobs/<script>`` started from the repo root in the background; ``result()`` waits for it and
+    returns what ``run_job`` returns. Jobs started together share the cores while each waits on Ray's start-up
+    (a small job keeps ~1.4 of two cores busy): tests with several independent jobs start them at once."""
+
+    def __init__(self, script: str, *args, env: dict):
+        self.script, self.done, self.logs = script, None, tempfile.TemporaryDirectory()
+        self.out, self.err = (open(os.path.join(self.logs.name, name), "w+") for name in ("out", "err"))  # no pipe to fill
+        self.proc = subprocess.Popen([PYTHON, f"jobs/{script}", *map(str, args)], cwd=REPO, env=env, stdout=self.out,
+                                     stderr=self.err, text=True)
+
+    def result(self, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        if self.done is None:
+            try:
+                self.proc.wait(timeout=timeout)
+            finally:
+                self.stop()
+        if check and self.done.returncode != 0:
+            raise AssertionError(f"{self.script} failed ({self.done.returncode}):\n{self.done.stdout[-3000:]}\n"
+                                 f"{self.done.stderr[-3000:]}")
+        return self.done
+
+    def stop(self) -> None:
+        """Kill it if it still runs (a fixture's teardown, when no test waited for it), and keep what it printed."""
+        if self.done is not None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        printed = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            printed.append(f.read())
+            f.close()
+        self.logs.cleanup()
+        self.done = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, *printed)
 
 
 def run_main(script: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -401,15 +433,14 @@ def nodes(s3):
     from ray.cluster_utils import Cluster
 
     # A lost node is declared dead after 3 missed health checks 1 s apart, not Ray's default 5 at 3 s.
-    env = base_env(**s3.env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rn", dir="/tmp"), RAY_health_check_period_ms="1000",
-                   RAY_health_check_failure_threshold="3")
+    env = base_env(**s3.env, RAY_TMPDIR=tempfile.mkdtemp(prefix="rn", dir="/tmp"), RAY_health_check_period_ms="300",
+                   RAY_health_check_failure_threshold="2")
     os.makedirs(os.path.join(env["RAY_TMPDIR"], "ray"))  # where ray.cluster_utils notes the cluster's address
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        # No dashboard (~15 CPU-s a module): Ray Train's PlacementGroupCleaner then logs that it cannot ask the
-        # State API (see ray_cluster), which only the jobs' logs show.
+        # No dashboard (~15 CPU-s a module), as ray_cluster.
         num_cpus=0, include_dashboard=False, node_ip_address="127.0.0.1", temp_dir=env["RAY_TMPDIR"]))
 
     class Nodes:

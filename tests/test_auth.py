@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -122,14 +123,18 @@ def tiny_checkpoint(s3, tmp_path_factory):
 def test_both_jobs_run_for_a_submitter_with_the_token(auth_cluster, s3, token, tiny_checkpoint, tmp_path):
     env = submitter_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
 
-    train = submit(auth_cluster, env, "jobs/train.py", *SMALL, "--max-steps", 2, "--storage", "s3://pixelcnn/runs",
-                   "--name", "auth-train")
+    # Submitted at once, as two users would: each job mostly waits on Ray's start-up, and the cluster has room.
+    with ThreadPoolExecutor(2) as pool:
+        training = pool.submit(submit, auth_cluster, env, "jobs/train.py", *SMALL, "--max-steps", 2, "--storage",
+                               "s3://pixelcnn/runs", "--name", "auth-train")
+        generation = pool.submit(submit, auth_cluster, env, "jobs/generate.py", "--checkpoint", tiny_checkpoint,
+                                 "--num-samples", 8, "--output", "s3://pixelcnn/samples/auth", "--rows-per-file", 8,
+                                 "--cpus-per-actor", 0.5)  # the default, 3 of the cluster's 4 CPUs, would wait for the trainer
+    train, generate = training.result(), generation.result()
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert '"test_bits_per_dim"' in train.stdout
     assert "runs/auth-train/model.pt" in s3_keys(s3.client, "pixelcnn", "runs/auth-train/")
 
-    generate = submit(auth_cluster, env, "jobs/generate.py", "--checkpoint", tiny_checkpoint, "--num-samples", 8,
-                      "--output", "s3://pixelcnn/samples/auth", "--rows-per-file", 8)
     assert generate.returncode == 0, generate.stdout[-3000:] + generate.stderr[-3000:]
     assert "generated 8 samples" in generate.stdout
     assert [k for k in s3_keys(s3.client, "pixelcnn", "samples/auth/") if k.endswith(".parquet")]

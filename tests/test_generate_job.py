@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import kill_an_actor_midway, stop_job, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, run_main, s3_keys
+from conftest import (kill_an_actor_midway, stop_job, one_error_line, PYTHON, REPO, last_json_line, randomize, run_job, run_main,
+                      s3_keys, start_job)
 from jobs.schema import SAMPLE_SCHEMA
 from pixelcnn.images import decode_png
 from pixelcnn import PixelCNN, load_model, sample
@@ -112,11 +113,32 @@ def test_samples_to_s3_with_two_actors(ray_cluster, s3, checkpoints):
     assert table2.column("image_png").to_pylist() == table.column("image_png").to_pylist()
 
 
-def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, ray_cluster, tmp_path):
-    """In-process Ray, local output, other batch size / actors / file size: same images as pixelcnn.sample."""
-    out = tmp_path / "out"
-    run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 50, "--output", out, "--seed", 7,
-            "--rows-per-file", 25, "--num-actors", 1, "--batch-size", 7, env=ray_cluster.env)
+@pytest.fixture(scope="module")
+def small_jobs(checkpoints, ray_cluster, tmp_path_factory):
+    """Three small requests into local folders, started at once (each job mostly waits on Ray's start-up; half a
+    CPU per actor leaves the cluster room for all three): (their folder, the jobs by name)."""
+    out = tmp_path_factory.mktemp("small")
+    jobs = {
+        # other batch size, actors and file size than test_samples_to_s3_with_two_actors
+        "batch": ("--checkpoint", checkpoints["plain"], "--num-samples", 50, "--seed", 7, "--rows-per-file", 25,
+                  "--num-actors", 1, "--batch-size", 7),
+        "bf16": ("--checkpoint", checkpoints["plain"], "--num-samples", 30, "--seed", 3, "--dtype", "bfloat16",
+                 "--rows-per-file", 30),
+        "cond": ("--checkpoint", checkpoints["cond"], "--num-samples", 30, "--label-probs", "0,0,1,0,0,0,0,0,3,0",
+                 "--rows-per-file", 30),
+    }
+    started = {name: start_job("generate.py", *args, "--output", out / name, "--cpus-per-actor", 0.5, env=ray_cluster.env)
+               for name, args in jobs.items()}
+    yield out, started
+    for job in started.values():
+        job.stop()
+
+
+def test_batch_size_and_actor_count_do_not_change_images(checkpoints, small_jobs):
+    """Local output, other batch size / actors / file size: same images as pixelcnn.sample."""
+    folder, jobs = small_jobs
+    jobs["batch"].result()
+    out = folder / "batch"
     table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
     assert sorted(p.name for p in out.iterdir()) == [
         "_manifest.json", "part-000000000000-000000000024.parquet", "part-000000000025-000000000049.parquet"]
@@ -125,12 +147,12 @@ def test_batch_size_and_actor_count_do_not_change_images(s3, checkpoints, ray_cl
     assert np.array_equal(images, expected.images.numpy())
 
 
-def test_bfloat16_samples_and_a_rerun_of_another_dtype_or_seed_is_refused(s3, checkpoints, ray_cluster, tmp_path):
+def test_bfloat16_samples_and_a_rerun_of_another_dtype_or_seed_is_refused(checkpoints, small_jobs, ray_cluster):
     """--dtype bfloat16 samples with a bfloat16 copy of the model; an output holds one request only: another
     dtype or seed is refused, the output untouched."""
-    out = tmp_path / "bf16"
-    run_job("generate.py", "--checkpoint", checkpoints["plain"], "--num-samples", 30, "--output", out, "--seed", 3,
-            "--dtype", "bfloat16", "--rows-per-file", 30, env=ray_cluster.env)
+    folder, jobs = small_jobs
+    jobs["bf16"].result()
+    out = folder / "bf16"
     table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
     assert set(table.column("dtype").to_pylist()) == {"bfloat16"}
     images = np.stack([decode_png(png) for png in table.column("image_png").to_pylist()])
@@ -150,11 +172,10 @@ def test_bfloat16_samples_and_a_rerun_of_another_dtype_or_seed_is_refused(s3, ch
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
-def test_conditional_labels(s3, checkpoints, ray_cluster, tmp_path):
-    out = tmp_path / "cond"
-    run_job("generate.py", "--checkpoint", checkpoints["cond"], "--num-samples", 30, "--output", out,
-            "--label-probs", "0,0,1,0,0,0,0,0,3,0", "--rows-per-file", 30, env=ray_cluster.env)
-    table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+def test_conditional_labels(checkpoints, small_jobs):
+    folder, jobs = small_jobs
+    jobs["cond"].result()
+    table = pads.dataset(str(folder / "cond"), format="parquet").to_table().sort_by("id")
     labels = table.column("label").to_pylist()
     assert set(labels) <= {2, 8} and labels == labels_for_ids(0, np.arange(30), [0, 0, .25, 0, 0, 0, 0, 0, .75, 0]).tolist()
     model = load_model(checkpoints["cond"])

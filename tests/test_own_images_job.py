@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, ray_info_lines, run_job, run_main
+from conftest import PYTHON, REPO, last_json_line, one_error_line, randomize, ray_info_lines, run_job, run_main, start_job
 from pixelcnn import PixelCNN, evaluate, load_dataset, load_model
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 
@@ -37,6 +37,22 @@ def folder(tmp_path_factory, s3):
     return root
 
 
+@pytest.fixture(scope="module")
+def teacher_samples(ray_cluster, tmp_path_factory):
+    """Samples of a small model as generate.py writes them (test_the_generation_jobs_parquet_trains_as_a_dataset),
+    started in the background by the module's first test (a job mostly waits on Ray's start-up): (their
+    folder, the job)."""
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    teacher = randomize(PixelCNN(hidden=8, blocks=1, image_size=(6, 6)), std=0.2)
+    save_checkpoint(root / "teacher" / "model.pt", checkpoint_dict(teacher, step=1, dataset="test"))
+    job = start_job("generate.py", "--checkpoint", root / "teacher", "--num-samples", 160, "--rows-per-file", 80,
+                    "--cpus-per-actor", 0.5, "--output", root / "samples", env=ray_cluster.env)
+    yield root / "samples", job
+    job.stop()
+
+
+@pytest.mark.usefixtures("teacher_samples")  # started here, to run beside this test's job
 def test_a_folder_on_s3_trains_with_two_workers_to_one_process_weights_and_an_exact_test_figure(folder, ray_cluster, s3,
                                                                                                   tmp_path):
     """On S3 through Ray Data: labels are the folder classes, the model is RGB at the images' size, the
@@ -84,14 +100,11 @@ def test_a_folder_on_s3_trains_with_two_workers_to_one_process_weights_and_an_ex
         s3.client.delete_object(Bucket="pixelcnn", Key="images/cats/new.png")
 
 
-def test_the_generation_jobs_parquet_trains_as_a_dataset(ray_cluster, tmp_path):
+def test_the_generation_jobs_parquet_trains_as_a_dataset(ray_cluster, tmp_path, teacher_samples):
     """Distillation: samples of one model, as generate.py writes them, are another model's training data."""
-    torch.manual_seed(0)
-    teacher = randomize(PixelCNN(hidden=8, blocks=1, image_size=(6, 6)), std=0.2)
-    save_checkpoint(tmp_path / "teacher" / "model.pt", checkpoint_dict(teacher, step=1, dataset="test"))
-    run_job("generate.py", "--checkpoint", tmp_path / "teacher", "--num-samples", 160, "--rows-per-file", 80,
-            "--output", tmp_path / "samples", env=ray_cluster.env)
-    proc = run_job("train.py", "--dataset", tmp_path / "samples", "--hidden", 8, "--blocks", 1, "--batch-size", 32,
+    samples, job = teacher_samples
+    job.result()
+    proc = run_job("train.py", "--dataset", samples, "--hidden", 8, "--blocks", 1, "--batch-size", 32,
                    "--grid-samples", 0, "--storage", tmp_path / "runs", "--name", "student", env=ray_cluster.env)
     assert last_json_line(proc.stdout)["done"]
     student = load_model(tmp_path / "runs" / "student")

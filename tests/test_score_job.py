@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import (MNIST_ROOT, kill_an_actor_midway, last_json_line, one_error_line, randomize, ray_info_lines, run_job,
-                      run_main, s3_keys)
+                      run_main, s3_keys, start_job)
 from jobs.schema import SCORE_SCHEMA
 from pixelcnn.images import decode_png
-from pixelcnn import PixelCNN, PixelCNNpp, evaluate, load_dataset, sample
+from pixelcnn import PixelCNN, PixelCNNpp, evaluate, load_dataset, load_model, sample
 from pixelcnn.checkpoint import checkpoint_dict, save_checkpoint
 from pixelcnn.config import TrainConfig
 from pixelcnn.likelihood import model_logits, nll_per_image
@@ -43,19 +43,57 @@ def read(out):
     return pads.dataset(str(out), format="parquet").to_table().sort_by("id")
 
 
-def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(ray_cluster, tmp_path):
-    model = save_model(tmp_path / "model", image_size=(6, 6)).double()
-    images = grey_folder(tmp_path / "images", 60)
-    proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
-                   "--dtype", "float64", "--batch-size", 7, "--num-actors", 2, "--rows-per-file", 25, "--per-pixel",
-                   "--report", 3, env=ray_cluster.env)
+@pytest.fixture(scope="module")
+def scored(ray_cluster, tmp_path_factory):
+    """The module's independent scoring requests, started at once (each job mostly waits on Ray's start-up;
+    half a CPU per actor leaves the cluster room for all): (their folder, the jobs by name)."""
+    root = tmp_path_factory.mktemp("scored")
+    half = ["--cpus-per-actor", 0.5]
+    jobs = {}
+
+    def start(name, *args):
+        jobs[name] = start_job("score.py", *args, "--output", root / name / "out", *half, env=ray_cluster.env)
+
+    save_model(root / "exact" / "model", image_size=(6, 6))
+    start("exact", "--checkpoint", root / "exact" / "model", "--dataset", grey_folder(root / "exact" / "images", 60),
+          "--dtype", "float64", "--batch-size", 7, "--num-actors", 2, "--rows-per-file", 25, "--per-pixel", "--report", 3)
+    save_model(root / "builtin" / "model", image_size=(12, 12))
+    start("builtin", "--checkpoint", root / "builtin" / "model", "--dataset", "synthetic", "--split", "test", "--dtype",
+          "float64", "--batch-size", 128, "--rows-per-file", 256)
+    save_model(root / "resize" / "model", image_size=(6, 6))  # 7x6 images for a 6x6 model
+    start("resize", "--checkpoint", root / "resize" / "model", "--dataset", grey_folder(root / "resize" / "images", 10, size=(7, 6)),
+          "--resize")
+    # What a user would run: MNIST digits with inverted and noise images mixed in, scored by a model trained
+    # briefly on MNIST (trained here while the jobs above start).
+    cfg = TrainConfig(dataset="mnist", data_dir=str(MNIST_ROOT), subset=2048, test_subset=64, hidden=16, blocks=2,
+                      batch_size=64, max_steps=60, lr=3e-3, warmup_steps=5, ema=0.0, grid_samples=0, log_every=100)
+    train(cfg, Runtime(str(root / "outliers" / "model"), log=lambda *a, **k: None))
+    digits = load_dataset("mnist", MNIST_ROOT, train=False, subset=40).images[:, 0].numpy()
+    folder = root / "outliers" / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, digit in enumerate(digits):
+        Image.fromarray(digit).save(folder / f"digit-{k:02d}.png")
+    for k in range(5):
+        Image.fromarray(255 - digits[k]).save(folder / f"inverted-{k}.png")
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"noise-{k}.png")
+    start("outliers", "--checkpoint", root / "outliers" / "model", "--dataset", folder, "--report", 5)
+    yield root, jobs
+    for job in jobs.values():
+        job.stop()
+
+
+def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(scored, ray_cluster):
+    root, jobs = scored
+    proc = jobs["exact"].result()
+    model, images, out = load_model(root / "exact" / "model").double(), root / "exact" / "images", root / "exact" / "out"
     summary = last_json_line(proc.stdout)
     assert summary["images"] == summary["total_rows"] == 60 and summary["files"] == 3
     assert "bits/dim: mean" in proc.stdout
     assert summary["startup_seconds"] + summary["pipeline_seconds"] == pytest.approx(summary["seconds"], abs=0.002)
     assert re.search(r"scored 60 images in [\d.]+ s: [\d.]+ s start-up, [\d.]+ s pipeline \([\d.]+ images/s\)",
                      proc.stdout)
-    table = read(tmp_path / "out")
+    table = read(out)
     assert table.schema.equals(SCORE_SCHEMA) and table.column("id").to_pylist() == list(range(60))
     data = load_dataset(str(images), test_fraction=0)
     expected = -nll_per_image(model_logits(model, data.images), data.images)
@@ -66,28 +104,35 @@ def test_scores_are_the_librarys_exact_log_prob_whatever_the_batch_and_actors(ra
     assert rows[5]["dtype"] == "float64" and abs(rows[5]["bits_per_dim"] + rows[5]["log_prob"] / (36 * math.log(2))) < 1e-12
     heat = decode_png(rows[5]["nll_png"])
     assert heat.shape == (1, 6, 6) and heat.max() > 0
-    report = Image.open(io.BytesIO((tmp_path / "out" / "_report.png").read_bytes()))
+    report = Image.open(io.BytesIO((out / "_report.png").read_bytes()))
     assert report.size[0] > 100 and report.size[1] > 200
-    again = run_main("score.py", "--checkpoint", tmp_path / "model", "--dataset", images, "--output", tmp_path / "out",
+    again = run_main("score.py", "--checkpoint", root / "exact" / "model", "--dataset", images, "--output", out,
                      "--dtype", "float64", "--per-pixel", env=ray_cluster.env)
     assert last_json_line(again.stdout)["images"] == 0  # a rerun after success writes nothing
 
 
-def test_the_mean_over_a_builtin_test_split_is_evaluates_bits_per_dim(ray_cluster, tmp_path):
+def test_the_mean_over_a_builtin_test_split_is_evaluates_bits_per_dim(scored):
     """A built-in dataset's test split (the synthetic one: 512 images of 12x12; MNIST's 10,000 of 28x28 take
     the same path at 80x the cost; its --data-dir: test_bad_input_is_one_line_and_writes_nothing) scored
     by the job averages to pixelcnn.evaluate's bits/dim, labels and all."""
-    model = save_model(tmp_path / "model", image_size=(12, 12)).double()
-    proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", "synthetic", "--split", "test",
-                   "--output", tmp_path / "out", "--dtype", "float64", "--batch-size", 128, "--rows-per-file", 256,
-                   env=ray_cluster.env)
+    root, jobs = scored
+    proc = jobs["builtin"].result()
+    model = load_model(root / "builtin" / "model").double()
     test = load_dataset("synthetic", None, train=False)
     expected = evaluate(model, test, batch_size=128)["bits_per_dim"]
     assert last_json_line(proc.stdout)["bits_per_dim_mean"] == pytest.approx(expected, rel=1e-6)
-    table = read(tmp_path / "out")
+    table = read(root / "builtin" / "out")
     assert len(table) == 512 and table.column("source").to_pylist()[0] == "synthetic:test"
     assert np.mean(table.column("bits_per_dim").to_numpy()) == pytest.approx(expected, rel=1e-9)
     assert table.column("label").to_pylist() == test.labels.tolist() and len(set(test.labels.tolist())) == 2
+
+
+def test_images_of_another_size_are_scored_resized(scored):
+    """Refused without --resize (test_bad_input_is_one_line_and_writes_nothing[size]), taken with it."""
+    root, jobs = scored
+    jobs["resize"].result()
+    table = read(root / "resize" / "out")
+    assert len(table) == 10 and table.column("id").to_pylist() == list(range(10))
 
 
 def test_generated_samples_score_as_their_own_log_prob(ray_cluster, tmp_path):
@@ -101,13 +146,16 @@ def test_generated_samples_score_as_their_own_log_prob(ray_cluster, tmp_path):
     proc = run_job("generate.py", "--checkpoint", tmp_path / "model", "--num-samples", 30, "--output", tmp_path / "samples",
                    "--rows-per-file", 30, env=ray_cluster.env)
     assert not ray_info_lines(proc.stdout + proc.stderr)
-    for dtype, tolerance, debug in (("float32", 1e-3, "1"), ("float64", 1e-3, "0")):  # Ray's INFO lines only with debug
-        proc = run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
-                       tmp_path / dtype, "--dtype", dtype, env={**ray_cluster.env, "PIXELCNN_DEBUG": debug})
-        assert bool(ray_info_lines(proc.stderr)) == (debug == "1") and "UserWarning" not in proc.stderr
+    debugs = {"float32": "1", "float64": "0"}  # Ray's INFO lines only with PIXELCNN_DEBUG=1
+    jobs = {dtype: start_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", tmp_path / "samples", "--output",
+                             tmp_path / dtype, "--dtype", dtype, "--cpus-per-actor", 0.5,  # room for both at once
+                             env={**ray_cluster.env, "PIXELCNN_DEBUG": debug}) for dtype, debug in debugs.items()}
+    for dtype, job in jobs.items():
+        proc = job.result()
+        assert bool(ray_info_lines(proc.stderr)) == (debugs[dtype] == "1") and "UserWarning" not in proc.stderr
         generated, scored = read(tmp_path / "samples"), read(tmp_path / dtype)
         assert scored.column("row").to_pylist() == list(range(30))
-        assert np.allclose(scored.column("log_prob").to_numpy(), generated.column("log_prob").to_numpy(), atol=tolerance)
+        assert np.allclose(scored.column("log_prob").to_numpy(), generated.column("log_prob").to_numpy(), atol=1e-3)
     exact = sample(model.double(), 30, seed=0)
     images = np.stack([decode_png(png) for png in generated.column("image_png").to_pylist()])
     same = [k for k in range(30) if np.array_equal(images[k], exact.images[k].numpy())]
@@ -115,24 +163,12 @@ def test_generated_samples_score_as_their_own_log_prob(ray_cluster, tmp_path):
     assert np.allclose(scored.column("log_prob").to_numpy()[same], exact.log_prob.numpy()[same], rtol=1e-9, atol=0)
 
 
-def test_outliers_rank_at_the_unlikely_end(ray_cluster, tmp_path):
-    """What a user would run: MNIST digits with inverted and noise images mixed in, scored by a model
-    trained briefly on MNIST: the foreign images are the least likely."""
-    cfg = TrainConfig(dataset="mnist", data_dir=str(MNIST_ROOT), subset=2048, test_subset=64, hidden=16, blocks=2,
-                      batch_size=64, max_steps=60, lr=3e-3, warmup_steps=5, ema=0.0, grid_samples=0, log_every=100)
-    train(cfg, Runtime(str(tmp_path / "model"), log=lambda *a, **k: None))
-    digits = load_dataset("mnist", MNIST_ROOT, train=False, subset=40).images[:, 0].numpy()
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for k, digit in enumerate(digits):
-        Image.fromarray(digit).save(folder / f"digit-{k:02d}.png")
-    for k in range(5):
-        Image.fromarray(255 - digits[k]).save(folder / f"inverted-{k}.png")
-        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"noise-{k}.png")
-    run_job("score.py", "--checkpoint", tmp_path / "model", "--dataset", folder, "--output", tmp_path / "out",
-            "--report", 5, env=ray_cluster.env)
-    table = read(tmp_path / "out").sort_by([("bits_per_dim", "descending")])
+def test_outliers_rank_at_the_unlikely_end(scored):
+    """MNIST digits with inverted and noise images mixed in, scored by a model trained briefly on MNIST: the
+    foreign images are the least likely."""
+    root, jobs = scored
+    jobs["outliers"].result()
+    table = read(root / "outliers" / "out").sort_by([("bits_per_dim", "descending")])
     unlikely = [s.rsplit("/", 1)[1] for s in table.column("source").to_pylist()[:10]]
     assert all(name.startswith(("inverted", "noise")) for name in unlikely), unlikely
 
@@ -186,7 +222,3 @@ def test_bad_input_is_one_line_and_writes_nothing(case, ray_cluster, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     else:
         assert not out.exists()
-    if case == "size":  # --resize takes them
-        run_job("score.py", "--checkpoint", checkpoint, "--dataset", images, "--output", out, "--resize", *on_cluster,
-                env=ray_cluster.env)
-        assert len(read(out)) == 10

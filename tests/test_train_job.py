@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import MNIST_ROOT, PYTHON, REPO, base_env, cluster_pids, last_json_line, one_error_line, process_titles, ray_info_lines, run_job, run_main, s3_keys, stop_job
+from conftest import (MNIST_ROOT, PYTHON, REPO, base_env, cluster_pids, last_json_line, one_error_line, process_titles,
+                      ray_info_lines, run_job, run_main, s3_keys, start_job, stop_job)
 from pixelcnn import PixelCNN, load_model
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,32 @@ def newest_checkpoint(run) -> int:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(ray_cluster, tmp_path_factory):
+def budget_run(ray_cluster, tmp_path_factory):
+    """A --max-time run (test_max_time_fixes_the_steps_in_config_json_before_training), started in the
+    background by resumed_run beside its first start (each job mostly waits on Ray): (its storage, its flags,
+    the job)."""
+    storage = tmp_path_factory.mktemp("budget")
+    args = ["--dataset", "synthetic", "--test-subset", 64, "--hidden", 8, "--blocks", 1, "--batch-size", 32,
+            "--grid-samples", 0, "--log-every", 1000, "--max-time", "1s", "--storage", storage, "--name", "budget"]
+    job = start_job("train.py", *args, env=ray_cluster.env)
+    yield storage, args, job
+    job.stop()
+
+
+@pytest.fixture(scope="module")
+def short_run(ray_cluster, tmp_path_factory):
+    """The resumed run's recipe for 4 steps under another name, with Ray's default PreemptionWatcher
+    (conftest.base_env turns it off) and PIXELCNN_DEBUG=1 (test_a_rerun_resumes_from_the_newest_checkpoint_on_disk),
+    started in the background by resumed_run as budget_run is: (its storage, the job)."""
+    storage = tmp_path_factory.mktemp("newest")
+    env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "PIXELCNN_DEBUG": "1"}
+    job = start_job("train.py", *RESUMED, "--storage", storage, "--name", "short", "--max-steps", 4, env=env)
+    yield storage, job
+    job.stop()
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_cluster, tmp_path_factory, budget_run, short_run):
     """One run stopped three ways, each after a checkpoint newer than the last stop's, and resumed by the same
     command each time: its driver SIGKILLed (the laptop that ran it died), SIGTERM (``ray job stop``,
     Kubernetes), Ctrl-C. Yields the run folder, its flags, what each start printed and the newest checkpoint
@@ -167,37 +193,37 @@ def test_a_finished_runs_corrupt_model_is_restored_from_its_checkpoint(resumed_r
 NOTICE = "has constructor arguments in the object store and max_restarts > 0"
 
 
-def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, ray_cluster, tmp_path):
+def test_a_rerun_resumes_from_the_newest_checkpoint_on_disk(resumed_run, short_run, ray_cluster):
     """The driver died after the run folder's model.pt (a step after 4) was written and before Ray Train
     registered that step's checkpoint: the rerun resumes from that step, not from the last registered step 4."""
     run, args, _ = resumed_run
-    args = [a if a != str(run.parent) else str(tmp_path) for a in args]
+    storage, short = short_run
+    args = [a if a != str(run.parent) else str(storage) for a in args]
     # The PreemptionWatcher on, as Ray's default has it (conftest.base_env turns it off): NOTICE is about that actor.
     env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-    # PIXELCNN_DEBUG=1 shows Ray's INFO lines, which a job leaves out by default (the second run below).
-    proc = run_job("train.py", *args, "--max-steps", 4, "--name", "short", env={**env, "PIXELCNN_DEBUG": "1"})
+    # short_run, with PIXELCNN_DEBUG=1, shows Ray's INFO lines, which a job leaves out by default (the run below).
+    proc = short.result()
     assert "Reporting training result" in proc.stderr and "Setting up process group" in proc.stderr
     assert NOTICE in proc.stderr  # Ray's ERROR-level line about its own actor, shown only here (jobs.cluster.RAY_NOTICES)
     # The resumed run's first checkpoint after step 4 (the same recipe, so the same weights): usually step 8, but
     # Ray Train deletes a checkpoint folder it never registered, as a stop can leave step 8's.
     newer = min(int(p.parent.name.split("_")[1]) for p in run.glob("checkpoint_0*/model.pt")
                 if int(p.parent.name.split("_")[1]) > 4)
-    shutil.copy(run / f"checkpoint_{newer:09d}" / "model.pt", tmp_path / "short" / "model.pt")  # newer than Ray's latest
+    shutil.copy(run / f"checkpoint_{newer:09d}" / "model.pt", storage / "short" / "model.pt")  # newer than Ray's latest
     proc = run_job("train.py", *args, "--max-steps", newer + 4, "--name", "short", env=env)
     assert f"resuming from step {newer}" in proc.stdout
     assert not ray_info_lines(proc.stdout + proc.stderr) and NOTICE not in proc.stderr
-    assert [m["step"] for m in map(json.loads, (tmp_path / "short" / "metrics.jsonl").read_text().splitlines())] == \
+    assert [m["step"] for m in map(json.loads, (storage / "short" / "metrics.jsonl").read_text().splitlines())] == \
         list(range(4, newer + 5, 4))
 
 
-def test_max_time_fixes_the_steps_in_config_json_before_training(ray_cluster, tmp_path):
+def test_max_time_fixes_the_steps_in_config_json_before_training(budget_run):
     """The driver measures what --max-time buys on a worker's resources (a Ray task) and records it in
     config.json before the first step; the run trains exactly those steps; the same
     command again trains nothing (the stored steps are used, not a new measurement)."""
-    args = ["--dataset", "synthetic", "--test-subset", 64, "--hidden", 8, "--blocks", 1, "--batch-size", 32,
-            "--grid-samples", 0, "--log-every", 1000, "--max-time", "1s", "--storage", tmp_path, "--name", "budget"]
-    proc = run_job("train.py", *args, env=ray_cluster.env)
-    steps = json.loads((tmp_path / "budget" / "config.json").read_text())["schedule_steps"]
+    storage, args, job = budget_run
+    proc = job.result()
+    steps = json.loads((storage / "budget" / "config.json").read_text())["schedule_steps"]
     final = last_json_line(proc.stdout)
     assert f"--max-time 1 s buys {steps} steps" in proc.stdout and final["step"] == steps and final["done"]
     again = run_main("train.py", *args, env=base_env())
