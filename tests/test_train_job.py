@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -53,6 +54,9 @@ def test_two_ddp_workers_on_s3_resume_a_killed_worker_and_match_one_process(ray_
     args = [*DDP, "--num-workers", 2, "--max-failures", 2, "--storage", "s3://pixelcnn/runs", "--name", "ddp2"]
     job = subprocess.Popen([PYTHON, "jobs/train.py", *map(str, args)], cwd=REPO, env=ray_cluster.env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The same flags uninterrupted in one process, trained in this process meanwhile: the job mostly waits on Ray.
+    reference = ThreadPoolExecutor(1)
+    once = reference.submit(in_process_run, [*DDP, "--storage", tmp_path, "--name", "one"], tmp_path / "one")
     try:
         deadline = time.time() + 180
         # Ray Train registers a checkpoint (and rewrites its snapshot) a little after the upload:
@@ -68,6 +72,7 @@ def test_two_ddp_workers_on_s3_resume_a_killed_worker_and_match_one_process(ray_
     finally:
         if job.poll() is None:
             job.kill()
+        reference.shutdown()
     assert job.returncode == 0, out[-3000:]
     assert resumed_from(out) and min(resumed_from(out)) >= 4, "the restarted workers must continue from a checkpoint"
     final = last_json_line(out)
@@ -81,7 +86,7 @@ def test_two_ddp_workers_on_s3_resume_a_killed_worker_and_match_one_process(ray_
     assert [m["step"] for m in metrics] == [4, 8, 12, 16, 20, 24]  # each report once, across the restart
     assert all({"train_bits_per_dim", "test_bits_per_dim", "images_per_s", "lr"} <= m.keys() for m in metrics)
 
-    one = in_process_run([*DDP, "--storage", tmp_path, "--name", "one"], tmp_path / "one")["training"]["raw_state"]
+    one = once.result()["training"]["raw_state"]
     two = s3_model(s3, "runs/ddp2/model.pt")["training"]["raw_state"]
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-9, rtol=0), name
@@ -118,7 +123,7 @@ def budget_run(ray_cluster, tmp_path_factory):
 def short_run(ray_cluster, tmp_path_factory):
     """The resumed run's recipe for 4 steps under another name, with Ray's default PreemptionWatcher
     (conftest.base_env turns it off) and PIXELCNN_DEBUG=1 (test_a_rerun_resumes_from_the_newest_checkpoint_on_disk),
-    started in the background by resumed_run as budget_run is: (its storage, the job)."""
+    started in the background by resumed_run beside its last start: (its storage, the job)."""
     storage = tmp_path_factory.mktemp("newest")
     env = {**ray_cluster.env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "PIXELCNN_DEBUG": "1"}
     job = start_job("train.py", *RESUMED, "--storage", storage, "--name", "short", "--max-steps", 4, env=env)
@@ -127,7 +132,7 @@ def short_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed_run(ray_cluster, tmp_path_factory, budget_run, short_run):
+def resumed_run(ray_cluster, tmp_path_factory, request, budget_run):
     """One run stopped three ways, each after a checkpoint newer than the last stop's, and resumed by the same
     command each time: its driver SIGKILLed (the laptop that ran it died), SIGTERM (``ray job stop``,
     Kubernetes), Ctrl-C. Yields the run folder, its flags, what each start printed and the newest checkpoint
@@ -146,6 +151,7 @@ def resumed_run(ray_cluster, tmp_path_factory, budget_run, short_run):
         printed = stop_job("train.py", *args, env=ray_cluster.env, sig=sig, status=status, line=line, ready=ready,
                            waiting_for="new checkpoint")
         starts.append((printed, newest_checkpoint(run)))
+    request.getfixturevalue("short_run")  # started beside the last start only: this fixture stays well under 90 s
     last = run_job("train.py", *args, env=ray_cluster.env)
     starts.append((last.stdout, newest_checkpoint(run)))
     return run, args, starts
