@@ -1,6 +1,6 @@
 # make setup : create .venv here and install the project with its test tools (idempotent)
 # make train : setup, then train a small PixelCNN on MNIST in about 6 minutes on 2 CPU cores
-# make test  : setup, then the whole test suite (CPU only; starts its own local Ray and S3 server): ~24 min on 2 cores
+# make test  : setup, then the whole test suite (CPU only; starts its own local Ray and S3 server): ~14 min on 2 cores
 # make test-fast : setup, then the tests that start no Ray cluster and no job process (the inner loop)
 
 VENV ?= .venv
