@@ -151,7 +151,7 @@ def resumed_run(ray_cluster, tmp_path_factory, request, budget_run):
         printed = stop_job("train.py", *args, env=ray_cluster.env, sig=sig, status=status, line=line, ready=ready,
                            waiting_for="new checkpoint")
         starts.append((printed, newest_checkpoint(run)))
-    request.getfixturevalue("short_run")  # started beside the last start only: this fixture stays well under 90 s
+    request.getfixturevalue("short_run")  # started beside the last start only, to keep this fixture under 90 s
     last = run_job("train.py", *args, env=ray_cluster.env)
     starts.append((last.stdout, newest_checkpoint(run)))
     return run, args, starts
